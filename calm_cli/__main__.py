@@ -1,0 +1,3 @@
+from calm_cli.cli import main
+
+main()

@@ -1,0 +1,184 @@
+"""The `calm` command line: parses arguments, calls the modules that do the work, prints results."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Callable
+
+import click
+from tabulate import tabulate
+
+from calm_cli import settings
+from calm_cli.fleet import lock
+from calm_cli.fleet.store import IntegrityError, Store
+from calm_cli.schema import InvalidFile
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _store() -> Store:
+    return Store(settings.path("cache_dir"))
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> None:
+    click.echo(f"calm: {message}", err=True)
+    sys.exit(code)
+
+
+def _specs(names: tuple[str, ...]) -> list[lock.ModelSpec]:
+    try:
+        return lock.select(lock.load(), names)
+    except lock.UnknownModel as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except InvalidFile as exc:
+        _fail(f"models.lock is invalid:\n{exc}", EXIT_USAGE)
+    raise AssertionError("unreachable")
+
+
+def _progress(label: str, total: int, work: Callable[[Callable[[int], None]], None]) -> None:
+    with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=False) as bar:
+        work(bar.update)
+
+
+def _echo_err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="calm-cli")
+def main() -> None:
+    """calm: route each question to the best small language model of a local fleet."""
+
+
+@main.command("settings")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
+def settings_cmd(as_json: bool) -> None:
+    """Show every setting: its CALM_* variable, current value and meaning."""
+    rows = [{"env": s.env, "value": s.raw(), "description": s.description} for s in settings.SETTINGS.values()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        click.echo(tabulate([r.values() for r in rows], headers=["variable", "value", "description"],
+                            maxcolwidths=[None, 40, 60]))
+
+
+@main.group()
+def models() -> None:
+    """Pull, export, verify and list the pinned fleet of models.lock."""
+
+
+@models.command()
+@click.argument("names", nargs=-1)
+def pull(names: tuple[str, ...]) -> None:
+    """Fetch, assemble and verify the pinned packages of NAMES (default: the whole fleet)."""
+    from calm_cli.fleet.pull import DownloadError, pull as do_pull
+
+    store = _store()
+    for spec in _specs(names):
+        try:
+            path = do_pull(spec, store, _progress)
+        except (DownloadError, IntegrityError) as exc:
+            _fail(str(exc))
+        click.echo(f"{spec.name}: pulled and verified in {path}", err=True)
+
+
+@models.command()
+@click.argument("names", nargs=-1)
+@click.option("--precision", type=click.Choice(["fp32", "int4"]),
+              help="fp32, or int4 (the GGUF's own quantized blocks; int8 per channel for the encoder). "
+                   "Default: each model's first precision in models.lock.")
+def export(names: tuple[str, ...], precision: str | None) -> None:
+    """Export NAMES (default: the whole fleet) to ONNX, pulling them first if needed."""
+    from calm_cli.fleet.export import ExportError, export as do_export
+    from calm_cli.fleet.pull import DownloadError, pull as do_pull
+
+    store = _store()
+    for spec in _specs(names):
+        wanted = precision or spec.default_precision
+        if wanted == "int4" and not spec.generative:
+            wanted = "int8"
+        try:
+            do_pull(spec, store, _progress)
+            path = do_export(spec, store, wanted, _echo_err)
+        except (DownloadError, IntegrityError, ExportError) as exc:
+            _fail(str(exc))
+        click.echo(f"{spec.name}: {wanted} export in {path}", err=True)
+
+
+@models.command()
+@click.argument("names", nargs=-1)
+def verify(names: tuple[str, ...]) -> None:
+    """Check every cached file of NAMES against its manifest; exit 1 naming each bad file."""
+    from calm_cli.fleet.store import verify_dir
+
+    store = _store()
+    bad: list[str] = []
+    checked = 0
+    for spec in _specs(names):
+        dirs = [store.source_dir(spec.name), *store.exports(spec.name).values()]
+        for directory in dirs:
+            if directory.exists():
+                checked += 1
+                bad.extend(verify_dir(directory))
+    for line in bad:
+        click.echo(f"BAD {line}", err=True)
+    if bad:
+        _fail(f"{len(bad)} bad file(s) in {checked} director(ies)")
+    click.echo(f"ok: {checked} director(ies) verified")
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of objects.")
+def list_cmd(as_json: bool) -> None:
+    """The fleet: role, parameters, precision, size on disk, state and licence of each model."""
+    store = _store()
+    rows = []
+    for spec in _specs(()):
+        exports = store.exports(spec.name)
+        pulled = store.finished(store.source_dir(spec.name))
+        rows.append({
+            "name": spec.name,
+            "role": spec.role,
+            "parameters": spec.parameters,
+            "precision": sorted(exports) or None,
+            "state": "exported" if exports else "pulled" if pulled else "missing",
+            "size_mb": round(store.size_on_disk(spec.name) / 2**20, 1),
+            "licence": spec.licence,
+            "path": str(store.model_dir(spec.name)),
+        })
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = [[r["name"], r["role"], r["parameters"], ",".join(r["precision"] or ["-"]), r["size_mb"], r["state"],
+              r["licence"]] for r in rows]
+    click.echo(tabulate(table, headers=["name", "role", "params", "precision", "MB on disk", "state", "licence"],
+                        maxcolwidths=[None, 28, None, None, None, None, 30]))
+
+
+@main.command()
+@click.argument("question")
+@click.option("--model", "model_name", required=True, help="Fleet member that answers.")
+@click.option("--max-tokens", type=click.IntRange(1, 8192), default=256, show_default=True)
+def route(question: str, model_name: str, max_tokens: int) -> None:
+    """Answer QUESTION ('-' reads it from stdin) with a model of the fleet, streaming to stdout."""
+    from calm_cli.engine.generate import Decoder, PromptError
+    from calm_cli.engine.prompt import render, stop_strings
+
+    if question == "-":
+        question = sys.stdin.read()
+    (spec,) = _specs((model_name,))
+    store = _store()
+    exports = store.exports(spec.name)
+    precision = str(settings.get("precision"))
+    if precision not in exports:
+        _fail(f"{spec.name} has no {precision} export: run `calm models export {spec.name} --precision {precision}`")
+    try:
+        decoder = Decoder(exports[precision])
+        for piece in decoder.stream_text(render(spec.prompt, question), max_tokens, stop_strings(spec.prompt)):
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+    except PromptError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    click.echo()

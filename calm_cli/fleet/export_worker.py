@@ -1,0 +1,112 @@
+"""The export itself, run as a child process by export.py; prints one JSON report line on stdout.
+
+Generative models: transformers loads the GGUF (dequantized to fp32), Optimum exports the in-memory model
+(text-generation-with-past), and for int4 the fp32 graph's MatMuls are rewritten to carry the GGUF's own
+quantized blocks (int4.py). The tokenizer is built from the GGUF's metadata (gguf_tokenizer.py), never by
+transformers' GGUF converter, which gets these files wrong. The encoder is exported as feature-extraction
+and quantized to int8 per channel with onnxruntime's own dynamic quantizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from calm_cli.fleet import lock
+from calm_cli.fleet.lock import ModelSpec
+
+ONNX_FILES = ("model.onnx", "model.onnx_data", "model.onnx.data")
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _optimum_export(model_or_path, out: Path, task: str) -> None:
+    from optimum.exporters.onnx import main_export, onnx_export_from_model
+
+    if isinstance(model_or_path, Path):
+        main_export(str(model_or_path), output=str(out), task=task, do_validation=False, library_name="transformers")
+    else:
+        onnx_export_from_model(model_or_path, str(out), task=task, do_validation=False)
+
+
+def export_decoder(spec: ModelSpec, source: Path, out: Path, precision: str, work: Path) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from calm_cli.fleet import gguf_tokenizer
+
+    gguf = source / "model.gguf"
+    report: dict = {}
+    with tempfile.TemporaryDirectory(dir=work, prefix=f"export-{spec.name}-") as tmp:
+        fp32_dir = out if precision == "fp32" else Path(tmp) / "fp32"
+        t0 = time.perf_counter()
+        _log(f"{spec.name}: loading {gguf.name} with transformers (dequantized to fp32)")
+        model = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=gguf.name, dtype=torch.float32)
+        _log(f"{spec.name}: exporting with Optimum ({spec.task})")
+        _optimum_export(model, fp32_dir, spec.task)
+        del model
+        report["fp32_export_s"] = round(time.perf_counter() - t0, 1)
+        if precision == "int4":
+            from calm_cli.fleet import int4
+
+            t0 = time.perf_counter()
+            _log(f"{spec.name}: carrying the GGUF's quantized blocks into MatMulNBits")
+            result = int4.quantize_from_gguf(fp32_dir / "model.onnx", gguf, out / "model.onnx")
+            report["int4"] = result.as_dict()
+            report["int4_s"] = round(time.perf_counter() - t0, 1)
+            for name in ("config.json", "generation_config.json"):
+                if (fp32_dir / name).is_file():
+                    shutil.copy2(fp32_dir / name, out / name)
+    gguf_tokenizer.build_tokenizer(gguf).save(out)
+    return report
+
+
+def export_encoder(spec: ModelSpec, source: Path, out: Path, precision: str, work: Path) -> dict:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(dir=work, prefix=f"export-{spec.name}-") as tmp:
+        fp32_dir = out if precision == "fp32" else Path(tmp) / "fp32"
+        _optimum_export(source, fp32_dir, spec.task)
+        if precision == "int8":
+            # per_channel: cosine to fp32 >= 0.99; per-tensor int8 fell to 0.95 (FLEET.md).
+            quantize_dynamic(fp32_dir / "model.onnx", out / "model.onnx", per_channel=True,
+                             weight_type=QuantType.QInt8)
+            for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                         "vocab.txt"):
+                if (fp32_dir / name).is_file():
+                    shutil.copy2(fp32_dir / name, out / name)
+    return {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--precision", required=True)
+    parser.add_argument("--source", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--work", type=Path, required=True)
+    args = parser.parse_args(argv)
+    spec = lock.load()[args.model]
+    args.work.mkdir(parents=True, exist_ok=True)
+    build = export_decoder if spec.generative else export_encoder
+    report_to, sys.stdout = sys.stdout, sys.stderr  # library chatter must not mix with the report line
+    report = build(spec, args.source, args.out, args.precision, args.work)
+    licences = args.source / "LICENSES"
+    if licences.is_dir():
+        shutil.copytree(licences, args.out / "LICENSES")
+    report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    report["files_mb"] = round(sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file()) / 2**20, 1)
+    print(json.dumps(report), file=report_to, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
