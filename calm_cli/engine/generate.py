@@ -78,18 +78,34 @@ class Decoder:
     def stream_text(self, prompt: str, max_new_tokens: int, stop: list[str] = ()) -> Iterator[str]:
         """Answer text as it is produced, ending before any stop string; characters are never split.
 
-        Text that could still turn into a stop string is held back until it cannot.
+        Text that could still turn into a stop string is held back until it cannot. The pieces always
+        join to what decoding the whole answer at once gives (an unfinished character included).
         """
         stream = DecodeStream(skip_special_tokens=True)
+        ids: list[int] = []
+        emitted = ""
+
+        def cut(text: str, final: bool) -> tuple[str, bool]:
+            """The part of `text` that can be shown now, and whether a stop string ended the answer."""
+            hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+            if hits:
+                return text[: min(hits)], True
+            if final:
+                return text, False
+            keep = max((k for s in stop for k in range(len(s), 0, -1) if text.endswith(s[:k])), default=0)
+            return text[: len(text) - keep], False
+
         pending = ""
         for token in self.greedy(self.encode(prompt), max_new_tokens):
+            ids.append(token)
             pending += stream.step(self.tokenizer.tokenizer, token) or ""
-            hits = [i for i in (pending.find(s) for s in stop) if i >= 0]
-            if hits:
-                yield pending[: min(hits)]
+            shown, stopped = cut(pending, final=False)
+            if shown:
+                yield shown
+                emitted += shown
+                pending = pending[len(shown):]
+            if stopped:
                 return
-            keep = max((k for s in stop for k in range(len(s), 0, -1) if pending.endswith(s[:k])), default=0)
-            if len(pending) > keep:
-                yield pending[: len(pending) - keep]
-                pending = pending[len(pending) - keep:]
-        yield pending
+        shown, _ = cut(self.tokenizer.decode(ids, skip_special=True)[len(emitted):], final=True)
+        if shown:
+            yield shown
