@@ -78,7 +78,7 @@ def pull(names: tuple[str, ...]) -> None:
     store = _store()
     for spec in _specs(names):
         try:
-            path = do_pull(spec, store, _progress)
+            path = do_pull(spec, store, _progress, _echo_err)
         except (DownloadError, IntegrityError) as exc:
             _fail(str(exc))
         click.echo(f"{spec.name}: pulled and verified in {path}", err=True)
@@ -100,7 +100,7 @@ def export(names: tuple[str, ...], precision: str | None) -> None:
         if wanted == "int4" and not spec.generative:
             wanted = "int8"
         try:
-            do_pull(spec, store, _progress)
+            do_pull(spec, store, _progress, _echo_err)
             path = do_export(spec, store, wanted, _echo_err)
         except (DownloadError, IntegrityError, ExportError) as exc:
             _fail(str(exc))

@@ -52,6 +52,17 @@ class Decoder:
             raise PromptError("the prompt is empty")
         return ids
 
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Next-token logits after every position of `ids` in one pass: [len(ids), vocab]."""
+        if len(ids) > self.context:
+            raise PromptError(f"{len(ids)} tokens exceed the context window of {self.context} tokens")
+        feed = {"input_ids": np.asarray([ids], dtype=np.int64),
+                "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
+                **{n: np.zeros(self.cache_shape, self.cache_type) for n in self.past_names}}
+        if self.uses_position_ids:
+            feed["position_ids"] = np.arange(len(ids), dtype=np.int64)[None, :]
+        return self.session.run(["logits"], feed)[0][0]
+
     def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> Iterator[int]:
         """Token ids chosen greedily, stopping at the model's stop tokens (not yielded)."""
         if len(prompt_ids) + max_new_tokens > self.context:

