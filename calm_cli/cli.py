@@ -157,28 +157,56 @@ def list_cmd(as_json: bool) -> None:
                         maxcolwidths=[None, 28, None, None, None, None, 30]))
 
 
+def _read_question(question: str) -> str:
+    """The question argument, or stdin for '-', refused clearly when it is not UTF-8."""
+    if question == "-":
+        raw = sys.stdin.buffer.read()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            _fail(f"the question on stdin is not valid UTF-8 (byte {exc.start})", EXIT_USAGE)
+    return question
+
+
 @main.command()
 @click.argument("question")
 @click.option("--model", "model_name", required=True, help="Fleet member that answers.")
-@click.option("--max-tokens", type=click.IntRange(1, 8192), default=256, show_default=True)
-def route(question: str, model_name: str, max_tokens: int) -> None:
+@click.option("--max-tokens", type=click.IntRange(1, 32768), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0.0, 10.0), default=0.0, show_default=True,
+              help="0 is greedy.")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 keeps every token.")
+@click.option("--seed", type=int, default=None, help="Seed for sampling (repeatable answers).")
+@click.option("--truncate", is_flag=True, help="Cut an over-long prompt from the left instead of refusing it.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON record with the answer and its meters.")
+def route(question: str, model_name: str, max_tokens: int, temperature: float, top_p: float, top_k: int,
+          seed: int | None, truncate: bool, as_json: bool) -> None:
     """Answer QUESTION ('-' reads it from stdin) with a model of the fleet, streaming to stdout."""
     from calm_cli.engine.generate import Decoder, PromptError
     from calm_cli.engine.prompt import render, stop_strings
+    from calm_cli.engine.sampling import Sampling
 
-    if question == "-":
-        question = sys.stdin.read()
+    question = _read_question(question)
     (spec,) = _specs((model_name,))
-    store = _store()
-    exports = store.exports(spec.name)
+    exports = _store().exports(spec.name)
     precision = str(settings.get("precision"))
     if precision not in exports:
         _fail(f"{spec.name} has no {precision} export: run `calm models export {spec.name} --precision {precision}`")
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+
+    def stream(piece: str) -> None:
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+
     try:
         decoder = Decoder(exports[precision])
-        for piece in decoder.stream_text(render(spec.prompt, question), max_tokens, stop_strings(spec.prompt)):
-            click.echo(piece, nl=False)
-            sys.stdout.flush()
+        done = decoder.complete(render(spec.prompt, question), max_tokens, sampling, stop_strings(spec.prompt),
+                                on_text=None if as_json else stream, truncate=truncate)
     except PromptError as exc:
         _fail(str(exc), EXIT_USAGE)
-    click.echo()
+    if as_json:
+        metrics = {**done.metrics(), "load_ms": round(decoder.load_ms, 1)}
+        click.echo(json.dumps({"answer": done.text, "model": spec.name, "precision": precision, "error": None,
+                               "stop_reason": done.stop_reason, "metrics": metrics}, ensure_ascii=False))
+    else:
+        click.echo()
