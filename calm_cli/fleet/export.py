@@ -71,11 +71,16 @@ def export(spec: ModelSpec, store: Store, precision: str, echo: Callable[[str], 
                    "--precision", precision, "--source", str(source), "--out", str(stage),
                    "--work", str(store.root / "tmp")]
             echo(f"exporting {spec.name} ({precision}) ...")
-            result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
-            if result.returncode != 0:
-                raise ExportError(f"{spec.name} ({precision}): export failed (exit {result.returncode}); "
-                                  "see the messages above; nothing was kept")
-            report = json.loads(result.stdout.strip().splitlines()[-1])
+            with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+                tail: list[str] = []
+                for line in proc.stderr:  # the worker's progress, passed on as it comes
+                    echo(line.rstrip("\n"))
+                    tail = (tail + [line.rstrip()])[-8:]
+                stdout = proc.stdout.read()
+            if proc.returncode != 0:
+                raise ExportError(f"{spec.name} ({precision}): export failed (exit {proc.returncode}); nothing was "
+                                  "kept. Last messages:\n" + "\n".join(tail))
+            report = json.loads(stdout.strip().splitlines()[-1])
             report["seconds"] = round(time.perf_counter() - started, 1)
             write_manifest(stage, {
                 "kind": "export",

@@ -79,10 +79,10 @@ def export_encoder(spec: ModelSpec, source: Path, out: Path, precision: str, wor
             # per_channel: cosine to fp32 >= 0.99; per-tensor int8 fell to 0.95 (FLEET.md).
             quantize_dynamic(fp32_dir / "model.onnx", out / "model.onnx", per_channel=True,
                              weight_type=QuantType.QInt8)
-            for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                         "vocab.txt"):
-                if (fp32_dir / name).is_file():
-                    shutil.copy2(fp32_dir / name, out / name)
+    for stray in ("tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        (out / stray).unlink(missing_ok=True)  # serving reads the pinned tokenizer.json alone
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy2(source / name, out / name)  # the pinned files, not transformers' re-serialisation
     return {}
 
 
