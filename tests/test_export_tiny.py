@@ -11,7 +11,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("optimum.exporters.onnx")
 
+import numpy as np  # noqa: E402
+
 from calm_cli.engine.generate import Decoder, PromptError  # noqa: E402
+from calm_cli.engine.sampling import Sampling  # noqa: E402
 from calm_cli.fleet.export_worker import _optimum_export  # noqa: E402
 from calm_cli.fleet.gguf_tokenizer import tokenizer_from_metadata  # noqa: E402
 
@@ -82,3 +85,78 @@ def test_prompt_errors_are_clear(exported) -> None:
         decoder.encode("")
     with pytest.raises(PromptError, match="context window of 256"):
         list(decoder.greedy([1] * 250, 10))
+
+
+def test_scores_equal_pytorch_log_likelihoods(exported) -> None:
+    model, decoder = exported
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, EOS, (1, 17), generator=generator)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+    context, continuation = ids[0, :9].tolist(), ids[0, 9:].tolist()
+    want = [float(logp[8 + i, t]) for i, t in enumerate(continuation)]
+    got = decoder.score(context, continuation)
+    assert np.allclose(got, want, atol=1e-4), (got, want)
+
+
+def test_generation_logprobs_match_scoring(exported) -> None:
+    _, decoder = exported
+    prompt = [3, 14, 15, 92, 65]
+    steps = list(decoder.generate(prompt, 8))
+    scored = decoder.score(prompt, [s.token for s in steps])
+    assert np.allclose([s.logprob for s in steps], scored, atol=1e-4)
+
+
+def test_seeded_sampling_repeats_and_differs_from_greedy(exported) -> None:
+    _, decoder = exported
+    prompt = [5, 6, 7]
+    hot = Sampling(temperature=1.5, top_k=50, top_p=0.95, seed=7)
+    first = [s.token for s in decoder.generate(prompt, 12, hot)]
+    again = [s.token for s in decoder.generate(prompt, 12, hot)]
+    assert first == again
+    other = [s.token for s in decoder.generate(prompt, 12, Sampling(temperature=1.5, seed=8))]
+    greedy = list(decoder.greedy(prompt, 12))
+    assert first != greedy or other != greedy
+
+
+def test_top_k_one_is_greedy(exported) -> None:
+    _, decoder = exported
+    prompt = [9, 10, 11]
+    sampled = [s.token for s in decoder.generate(prompt, 10, Sampling(temperature=2.0, top_k=1, seed=1))]
+    assert sampled == list(decoder.greedy(prompt, 10))
+
+
+def test_batched_greedy_equals_one_by_one(exported) -> None:
+    _, decoder = exported
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8], [9, 10, 11]]
+    assert decoder.generate_batch(prompts, 10) == [list(decoder.greedy(p, 10)) for p in prompts]
+
+
+def test_stop_strings_end_the_answer_and_are_not_shown(exported) -> None:
+    _, decoder = exported
+    full = decoder.complete("abc", 30).text
+    assert len(full) > 6
+    stop = full[3:5]
+    cut = decoder.complete("abc", 30, stop=[stop])
+    assert cut.text == full[: full.index(stop)]
+    assert cut.stop_reason == "stop_string"
+
+
+def test_streamed_pieces_join_to_the_record_text(exported) -> None:
+    _, decoder = exported
+    pieces: list[str] = []
+    done = decoder.complete("xyz", 25, on_text=pieces.append)
+    assert "".join(pieces) == done.text
+    assert done.tokens_out == len(done.logprobs) and done.tokens_in == 3
+    assert done.energy_estimated and done.energy_j >= 0 and done.provider == "CPUExecutionProvider"
+    assert 0.0 <= done.confidence <= 1.0
+
+
+def test_invalid_utf8_and_truncation(exported) -> None:
+    _, decoder = exported
+    with pytest.raises(PromptError, match="not valid UTF-8"):
+        decoder.encode("bad \udcff byte")
+    long_ids = list(range(1, 200)) * 2
+    with pytest.raises(PromptError, match="ask for truncation"):
+        decoder.fit(long_ids, 10, truncate=False)
+    assert decoder.fit(long_ids, 10, truncate=True) == long_ids[-246:]
