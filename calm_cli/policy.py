@@ -1,0 +1,102 @@
+"""Policies: the fleet, QoS goals, score weights, cache, queue and escalation, from a validated YAML file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from calm_cli import schema
+from calm_cli.fleet import lock
+from calm_cli.resources import POLICIES
+
+DEFAULT = POLICIES / "default.yaml"
+
+
+@dataclass(frozen=True)
+class Member:
+    model: str
+    description: str
+    examples: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()
+    max_tokens: int = 256
+    temperature: float = 0.0
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    source: str
+    fleet: tuple[Member, ...]
+    goals: dict
+    weights: dict
+    cache: dict
+    queue: dict
+    escalation: dict
+    energy: dict = field(default_factory=dict)
+    routing: dict = field(default_factory=dict)
+
+    @property
+    def escalation_member(self) -> Member | None:
+        e = self.escalation
+        if not e.get("enabled"):
+            return None
+        return Member(e["model"], e.get("description", "the larger model"), max_tokens=e.get("max_tokens", 256))
+
+    @property
+    def members(self) -> tuple[Member, ...]:
+        """Every model the policy may run: the fleet, then the escalation target."""
+        extra = self.escalation_member
+        return self.fleet + ((extra,) if extra and extra.model not in {m.model for m in self.fleet} else ())
+
+    @property
+    def encoder(self) -> str:
+        return self.routing.get("encoder", "minilm-l6")
+
+
+def _cross_checks(data: dict, source: str, models: dict[str, lock.ModelSpec]) -> list[str]:
+    """What the schema cannot say: names must exist in models.lock and play a role they can play."""
+    out = []
+    fleet_names = [m["model"] for m in data["fleet"]]
+    for i, name in enumerate(fleet_names):
+        if name not in models:
+            out.append(f"{source}: fleet[{i}].model: {name!r} is not in models.lock ({', '.join(models)})")
+        elif not models[name].generative:
+            out.append(f"{source}: fleet[{i}].model: {name!r} is an encoder, not a model that answers")
+        if fleet_names.index(name) != i:
+            out.append(f"{source}: fleet[{i}].model: {name!r} is listed twice")
+    esc = data["escalation"]
+    if esc.get("enabled") and esc.get("model") not in models:
+        out.append(f"{source}: escalation.model: {esc.get('model')!r} is not in models.lock")
+    runnable = set(fleet_names) | ({esc.get("model")} if esc.get("enabled") else set())
+    for i, name in enumerate(data["cache"].get("pinned", [])):
+        if name not in runnable:
+            out.append(f"{source}: cache.pinned[{i}]: {name!r} is not a model of this policy")
+    encoder = data.get("routing", {}).get("encoder", "minilm-l6")
+    if encoder not in models or models[encoder].generative:
+        out.append(f"{source}: routing.encoder: {encoder!r} is not an encoder in models.lock")
+    return out
+
+
+def load(path: Path | None = None) -> Policy:
+    """The policy at `path` (the embedded default when None); invalid files raise schema.InvalidFile."""
+    path = path or DEFAULT
+    data = schema.load_yaml(path)
+    source = str(path)
+    problems = schema.problems(data, "policy.schema.json", source)
+    if not problems:
+        problems = _cross_checks(data, source, lock.load())
+    if problems:
+        raise schema.InvalidFile(source, problems)
+    return Policy(
+        name=data["name"],
+        source=source,
+        fleet=tuple(Member(m["model"], m["description"], tuple(m.get("examples", ())), tuple(m.get("domains", ())),
+                           m.get("max_tokens", 256), m.get("temperature", 0.0)) for m in data["fleet"]),
+        goals=data["goals"],
+        weights=data["weights"],
+        cache=data["cache"],
+        queue=data["queue"],
+        escalation=data["escalation"],
+        energy=data.get("energy", {}),
+        routing=data.get("routing", {}),
+    )
