@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Callable
 
 import click
@@ -210,3 +211,43 @@ def route(question: str, model_name: str, max_tokens: int, temperature: float, t
                                "stop_reason": done.stop_reason, "metrics": metrics}, ensure_ascii=False))
     else:
         click.echo()
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks that print figures measured side by side in one run."""
+
+
+def _csv(kind: type) -> Callable[[click.Context, click.Parameter, str], list]:
+    def parse(ctx: click.Context, param: click.Parameter, value: str) -> list:
+        try:
+            return [kind(v) for v in value.split(",") if v]
+        except ValueError:
+            raise click.BadParameter(f"expected a comma-separated list, got {value!r}") from None
+    return parse
+
+
+@bench.command("engine")
+@click.option("--models", default="smollm2-135m,gemma3-270m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b",
+              callback=_csv(str), show_default=True)
+@click.option("--systems", default="calm,llama.cpp,optimum,transformers", callback=_csv(str), show_default=True)
+@click.option("--precision", "precisions", default="int4,fp32", callback=_csv(str), show_default=True,
+              help="calm's precisions to measure.")
+@click.option("--threads", default="1,2", callback=_csv(int), show_default=True)
+@click.option("--tokens", type=click.IntRange(2, 4096), default=128, show_default=True)
+@click.option("--repeats", type=click.IntRange(1, 100), default=3, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), help="Also write the rows here.")
+def bench_engine(models: list[str], systems: list[str], precisions: list[str], threads: list[int], tokens: int,
+                 repeats: int, json_path: str | None) -> None:
+    """Load time, TTFT, decode tok/s and peak memory of calm's engine vs llama.cpp, Optimum, transformers."""
+    from calm_cli.bench import engine
+
+    unknown = set(systems) - {"calm", "llama.cpp", "optimum", "transformers"}
+    if unknown:
+        _fail(f"unknown system(s): {', '.join(sorted(unknown))}", EXIT_USAGE)
+    rows = engine.run(_specs(tuple(models)), _store(), systems, precisions, threads, tokens, repeats, _echo_err)
+    headers = ["model", "system", "precision", "threads", "load_s", "ttft_ms", "decode_tok_s", "peak_rss_mb",
+               "vs_llama_cpp", "vs_llama_cpp_best"]
+    click.echo(tabulate([[r[h] for h in headers] for r in rows], headers=headers))
+    if json_path:
+        Path(json_path).write_text(json.dumps({"tokens": tokens, "repeats": repeats, "rows": rows}, indent=2) + "\n")

@@ -139,11 +139,14 @@ class Decoder:
                           f"of {self.context} tokens (ask for truncation, or fewer new tokens)")
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
-                 truncate: bool = False) -> Iterator[Step]:
-        """Chosen tokens with their log-probabilities; stops at the model's stop tokens (not yielded)."""
+                 truncate: bool = False, stop_at_eos: bool = True) -> Iterator[Step]:
+        """Chosen tokens with their log-probabilities; stops at the model's stop tokens (not yielded).
+
+        stop_at_eos=False runs to max_new_tokens regardless, for benchmarks that need a fixed length.
+        """
         prompt_ids = self.fit(prompt_ids, max_new_tokens, truncate)
         sampler = Sampler(sampling)
-        stops = set(self.tokenizer.stop_ids)
+        stops = set(self.tokenizer.stop_ids) if stop_at_eos else set()
         past = self._empty_cache(1)
         step_ids = np.asarray([prompt_ids], dtype=np.int64)
         seen = 0
