@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -169,48 +170,225 @@ def _read_question(question: str) -> str:
     return question
 
 
+def _policy(path: str | None):
+    from calm_cli import policy
+
+    try:
+        return policy.load(Path(path) if path else None)
+    except InvalidFile as exc:
+        _fail(f"invalid policy:\n{exc}", EXIT_USAGE)
+
+
+def _calm(policy_path: str | None, quiet: bool = False):
+    """The process's one MAPE-K loop, or a clear exit when something it needs is missing."""
+    from calm_cli.knowledge import KnowledgeBase, KnowledgeError
+    from calm_cli.orchestrator import Calm, Unavailable
+
+    try:
+        return Calm(_policy(policy_path), _store(), KnowledgeBase(), log=(lambda m: None) if quiet else _echo_err)
+    except (Unavailable, KnowledgeError) as exc:
+        _fail(str(exc))
+
+
+POLICY_OPTION = click.option("--policy", "policy_path", type=click.Path(exists=True, dir_okay=False),
+                             help="Policy file (default: the embedded policies/default.yaml).")
+
+
 @main.command()
 @click.argument("question")
-@click.option("--model", "model_name", required=True, help="Fleet member that answers.")
-@click.option("--max-tokens", type=click.IntRange(1, 32768), default=256, show_default=True)
+@click.option("--model", "model_name", help="Force this member instead of routing.")
+@click.option("--max-tokens", type=click.IntRange(1, 32768), help="Default: the member's max_tokens in the policy.")
 @click.option("--temperature", type=click.FloatRange(0.0, 10.0), default=0.0, show_default=True,
               help="0 is greedy.")
 @click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True)
 @click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 keeps every token.")
 @click.option("--seed", type=int, default=None, help="Seed for sampling (repeatable answers).")
-@click.option("--truncate", is_flag=True, help="Cut an over-long prompt from the left instead of refusing it.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON record with the answer and its meters.")
-def route(question: str, model_name: str, max_tokens: int, temperature: float, top_p: float, top_k: int,
-          seed: int | None, truncate: bool, as_json: bool) -> None:
-    """Answer QUESTION ('-' reads it from stdin) with a model of the fleet, streaming to stdout."""
-    from calm_cli.engine.generate import Decoder, PromptError
-    from calm_cli.engine.prompt import render, stop_strings
-    from calm_cli.engine.sampling import Sampling
-
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON record instead of streaming the answer.")
+@click.option("--explain", is_flag=True, help="Print the candidates and their score terms on stderr.")
+@POLICY_OPTION
+def route(question: str, model_name: str | None, max_tokens: int | None, temperature: float, top_p: float,
+          top_k: int, seed: int | None, as_json: bool, explain: bool, policy_path: str | None) -> None:
+    """Answer QUESTION ('-' reads it from stdin) with the best member of the fleet, streaming to stdout."""
     question = _read_question(question)
-    (spec,) = _specs((model_name,))
-    exports = _store().exports(spec.name)
-    precision = str(settings.get("precision"))
-    if precision not in exports:
-        _fail(f"{spec.name} has no {precision} export: run `calm models export {spec.name} --precision {precision}`")
-    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    request: dict = {"id": f"route-{uuid.uuid4().hex[:12]}", "query": question, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+    for key, value in (("model", model_name), ("max_tokens", max_tokens), ("seed", seed)):
+        if value is not None:
+            request[key] = value
+    from calm_cli import schema as schemas
+
+    problems = schemas.problems({k: v for k, v in request.items() if k != "id"}, "request.schema.json", "question")
+    if problems:
+        _fail("; ".join(problems), EXIT_USAGE)
+    calm = _calm(policy_path, quiet=not explain)
 
     def stream(piece: str) -> None:
         click.echo(piece, nl=False)
         sys.stdout.flush()
 
-    try:
-        decoder = Decoder(exports[precision])
-        done = decoder.complete(render(spec.prompt, question), max_tokens, sampling, stop_strings(spec.prompt),
-                                on_text=None if as_json else stream, truncate=truncate)
-    except PromptError as exc:
-        _fail(str(exc), EXIT_USAGE)
+    record = calm.answer(request, on_text=None if as_json else stream)
+    if explain and record["routing"]:
+        _explain(record)
     if as_json:
-        metrics = {**done.metrics(), "load_ms": round(decoder.load_ms, 1)}
-        click.echo(json.dumps({"answer": done.text, "model": spec.name, "precision": precision, "error": None,
-                               "stop_reason": done.stop_reason, "metrics": metrics}, ensure_ascii=False))
-    else:
+        click.echo(json.dumps(record, ensure_ascii=False))
+    elif record["error"] is None:
         click.echo()
+    if record["error"] is not None:
+        _fail(f"{record['error']['code']}: {record['error']['message']}",
+              EXIT_USAGE if record["error"]["code"] in ("bad_request", "prompt_too_long") else EXIT_FAILED)
+
+
+def _explain(record: dict) -> None:
+    routing = record["routing"]
+    rows = [[c["model"], c["score"], c.get("semantic"), c.get("quality"), c.get("latency_ms"), c.get("energy_j"),
+             c.get("memory_mb"), c.get("load_ms"), c.get("filtered_by") or ""] for c in routing["candidates"]]
+    click.echo(tabulate(rows, headers=["model", "score", "semantic", "quality", "pred ms", "pred J", "MB", "load ms",
+                                       "filtered by"], floatfmt=".3f"), err=True)
+    click.echo(f"chose {record['model']}: {routing['reason']}", err=True)
+
+
+@main.command()
+@click.argument("source", type=click.File("rb"), default="-")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output JSONL file (default: stdout).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run: keep the lines already in OUTPUT.")
+@POLICY_OPTION
+def batch(source, output: str | None, resume: bool, policy_path: str | None) -> None:
+    """Answer a JSONL file of requests (SOURCE, default stdin): one record line per input line, in order.
+
+    Exit 0 when every line got an answer, 3 when some lines got error records, 1 on a fatal error.
+    """
+    from calm_cli.serving import EXIT_SOME_FAILED, run_batch
+
+    if resume and not output:
+        _fail("--resume needs -o/--output (the file to continue)", EXIT_USAGE)
+    calm = _calm(policy_path)
+    out = open(output, "a" if resume else "w", encoding="utf-8") if output else sys.stdout
+
+    def progress(done: int, total: int) -> None:
+        click.echo(f"\rbatch: {done}/{total} lines", err=True, nl=done == total)
+
+    try:
+        ok, failed = run_batch(calm, source, output, out, resume, progress)
+    finally:
+        if output:
+            out.close()
+    click.echo(f"batch: {ok} answered, {failed} failed", err=True)
+    if failed:
+        sys.exit(EXIT_SOME_FAILED)
+
+
+@main.command("serve-stdin")
+@POLICY_OPTION
+def serve_stdin(policy_path: str | None) -> None:
+    """Long-running: read request lines on stdin, write record lines on stdout, sessions kept warm.
+
+    A line {"type": "stats"} answers with the cache and queue state. Ends cleanly on EOF, SIGINT or SIGTERM.
+    """
+    from calm_cli.serving import serve
+
+    calm = _calm(policy_path)
+    _echo_err(f"calm: serving policy {calm.policy.name}; one JSON request per line")
+    answered = serve(calm, sys.stdin.buffer, sys.stdout)
+    _echo_err(f"calm: {answered} request(s) answered, bye")
+
+
+@main.group("policy")
+def policy_group() -> None:
+    """Validate and show policies."""
+
+
+@policy_group.command("validate")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def policy_validate(files: tuple[str, ...]) -> None:
+    """Check policy FILES; one line per problem naming the file, the path inside it and what was expected."""
+    from calm_cli import policy
+
+    bad = 0
+    for f in files:
+        try:
+            policy.load(Path(f))
+            click.echo(f"{f}: ok")
+        except InvalidFile as exc:
+            bad += 1
+            click.echo(str(exc), err=True)
+    if bad:
+        sys.exit(EXIT_FAILED)
+
+
+@policy_group.command("show")
+@POLICY_OPTION
+def policy_show(policy_path: str | None) -> None:
+    """Print the policy in effect (the embedded default unless --policy is given)."""
+    from calm_cli import policy
+
+    loaded = _policy(policy_path)
+    click.echo(f"# {loaded.source}")
+    click.echo(Path(loaded.source).read_text(encoding="utf-8"), nl=False)
+
+
+@main.group("kb")
+def kb_group() -> None:
+    """The knowledge base: profiles, observations and calibration (SQLite in the data directory)."""
+
+
+def _kb():
+    from calm_cli.knowledge import KnowledgeBase, KnowledgeError
+
+    try:
+        return KnowledgeBase()
+    except KnowledgeError as exc:
+        _fail(str(exc))
+
+
+@kb_group.command("show")
+def kb_show() -> None:
+    """Model profiles and per-domain quality."""
+    kb = _kb()
+    profiles = kb.profiles()
+    keys = ["model", "precision", "provider", "load_ms", "ttft_ms", "tokens_per_s", "joules_per_token",
+            "memory_mb", "energy_estimated", "n_samples"]
+    click.echo(tabulate([[p.get(k) for k in keys] for p in profiles], headers=keys, floatfmt=".2f")
+               if profiles else "no profiles yet: run `calm profile`")
+    quality = kb.domain_quality()
+    if quality:
+        click.echo()
+        click.echo(tabulate([[m, d, q, n] for (m, d), (q, n) in sorted(quality.items(), key=str)],
+                            headers=["model", "domain", "quality", "items"], floatfmt=".3f"))
+
+
+@kb_group.command("stats")
+@click.option("--json", "as_json", is_flag=True)
+def kb_stats(as_json: bool) -> None:
+    """Row counts and per-model latency, energy and error rate."""
+    stats = _kb().stats()
+    if as_json:
+        click.echo(json.dumps(stats, indent=2, default=str))
+        return
+    click.echo(f"{stats['path']} (schema v{stats['schema_version']}, {stats['file_bytes']} bytes)")
+    click.echo(tabulate(sorted(stats["rows"].items()), headers=["table", "rows"]))
+    models = stats.get("models", {})
+    if models:
+        keys = ["observations", "errors", "error_rate", "p50_latency_ms", "p95_latency_ms", "mean_energy_j"]
+        click.echo()
+        click.echo(tabulate([[m, *[v.get(k) for k in keys]] for m, v in sorted(models.items())],
+                            headers=["model", *keys], floatfmt=".2f"))
+
+
+@kb_group.command("export")
+@click.argument("target", type=click.File("w"), default="-")
+def kb_export(target) -> None:
+    """Every row of every table as JSON Lines (TARGET, default stdout)."""
+    n = _kb().export(target)
+    click.echo(f"kb: {n} rows exported", err=True)
+
+
+@kb_group.command("reset")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def kb_reset(yes: bool) -> None:
+    """Delete every row (profiles, observations, calibration); the schema stays."""
+    if not yes:
+        click.confirm("Delete everything calm has learned?", abort=True)
+    _kb().reset()
+    click.echo("kb: reset", err=True)
 
 
 @main.group()

@@ -1,0 +1,137 @@
+"""Plan: score every member of the fleet for one query and pick the best that meets the hard goals.
+
+score = w_semantic x semantic fit + w_quality x learned quality
+        - w_latency x predicted latency / latency goal - w_energy x predicted energy / energy goal
+        - w_memory x memory / cache budget - w_load x load time if cold / latency goal
+
+Semantic fit is the query embedding's cosine to the member's description and examples (the better of
+the two). Learned quality is a similarity-weighted mean of the member's scores on the calibration items
+nearest to the query (`calm profile` fills them in the knowledge base). Every term is kept per candidate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Mapping
+
+import numpy as np
+
+from calm_cli.policy import Member, Policy
+
+KNN = 16  # calibration items that vote on a query's expected quality
+DEFAULT_SCALE_MS = 1000.0  # normaliser for latency and load terms when the policy sets no latency goal
+DEFAULT_SCALE_J = 10.0  # normaliser for the energy term when the policy sets no energy goal
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What one request is expected to cost on a member (from Analyze, profiles and the cache state)."""
+
+    latency_ms: float
+    energy_j: float
+    memory_mb: float
+    load_ms: float  # 0 when the member is loaded already
+    known: bool  # False when neither a profile nor recent observations exist
+
+
+@dataclass
+class Candidate:
+    model: str
+    score: float | None
+    semantic: float
+    quality: float | None
+    latency_ms: float
+    energy_j: float
+    memory_mb: float
+    load_ms: float
+    filtered_by: str | None = None
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+@dataclass
+class Decision:
+    model: str
+    candidates: list[Candidate]
+    reason: str
+
+
+def knn_quality(query: np.ndarray, embeddings: np.ndarray, scores: np.ndarray, k: int = KNN) -> float | None:
+    """Similarity-weighted mean score over the k calibration items nearest the query that this member did."""
+    have = ~np.isnan(scores)
+    if not have.any():
+        return None
+    sims = embeddings[have] @ query
+    top = np.argsort(-sims)[:k]
+    weights = np.clip(sims[top], 1e-3, None)
+    return float((weights * scores[have][top]).sum() / weights.sum())
+
+
+class Planner:
+    """Holds the members' description embeddings; `decide` is cheap (a few dot products per member)."""
+
+    def __init__(self, policy: Policy, members: list[Member], embed) -> None:
+        self.policy = policy
+        self.members = members
+        self.vectors = {}
+        for m in members:
+            texts = [m.description, *m.examples]
+            self.vectors[m.model] = embed(texts)
+
+    def semantic(self, query: np.ndarray) -> dict[str, float]:
+        out = {}
+        for name, vecs in self.vectors.items():
+            sims = vecs @ query
+            out[name] = float(max(sims[0], sims[1:].max() if len(sims) > 1 else -1.0))
+        return out
+
+    def decide(self, query: np.ndarray, predictions: Mapping[str, Prediction],
+               calibration=None) -> Decision:
+        """The best member for `query`: hard goals filter, the weighted score ranks."""
+        w, goals = self.policy.weights, self.policy.goals
+        lat_scale = goals.get("latency_p95_ms", DEFAULT_SCALE_MS)
+        j_scale = goals.get("energy_j_per_query", DEFAULT_SCALE_J)
+        budget = float(self.policy.cache["budget_mb"])
+        semantic = self.semantic(query)
+        candidates = []
+        for m in self.members:
+            p = predictions[m.model]
+            quality = None
+            if calibration is not None and m.model in calibration.scores and len(calibration.embeddings):
+                quality = knn_quality(query, calibration.embeddings, calibration.scores[m.model])
+            score = (w["semantic"] * semantic[m.model] + w["quality"] * (quality or 0.0)
+                     - w["latency"] * p.latency_ms / lat_scale - w["energy"] * p.energy_j / j_scale
+                     - w["memory"] * p.memory_mb / budget - w["load"] * p.load_ms / lat_scale)
+            c = Candidate(m.model, score, semantic[m.model], quality, p.latency_ms, p.energy_j, p.memory_mb, p.load_ms)
+            c.filtered_by = self._violation(c, p)
+            candidates.append(c)
+        allowed = [c for c in candidates if c.filtered_by is None]
+        pool = allowed or candidates
+        best = max(pool, key=lambda c: c.score)
+        candidates.sort(key=lambda c: -c.score)
+        if not allowed:
+            reason = f"every member breaks a hard goal; {best.model} scored best anyway"
+        else:
+            runner_up = next((c for c in candidates if c is not best and c.filtered_by is None), None)
+            margin = f" by {best.score - runner_up.score:.3f} over {runner_up.model}" if runner_up else ""
+            reason = f"highest score{margin}"
+            filtered = [c.model for c in candidates if c.filtered_by]
+            if filtered:
+                reason += f"; filtered: {', '.join(filtered)}"
+        return Decision(best.model, candidates, reason)
+
+    def _violation(self, c: Candidate, p: Prediction) -> str | None:
+        goals = self.policy.goals
+        if not p.known:
+            return None  # nothing measured yet: never exclude on a guess
+        if "latency_p95_ms" in goals and c.latency_ms > goals["latency_p95_ms"]:
+            return "latency_p95_ms"
+        if "energy_j_per_query" in goals and c.energy_j > goals["energy_j_per_query"]:
+            return "energy_j_per_query"
+        if "memory_mb" in goals and c.memory_mb > goals["memory_mb"]:
+            return "memory_mb"
+        if "min_quality" in goals and c.quality is not None and c.quality < goals["min_quality"]:
+            return "min_quality"
+        return None
