@@ -82,6 +82,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (model, task, item_id)
         )""",
     ),
+    (  # 3: the profile's mean answer confidence, so Analyze can see a model grow unsure (drift)
+        "ALTER TABLE profiles ADD COLUMN confidence REAL",
+    ),
 )
 TABLES = ("observations", "profiles", "calibration")
 
@@ -92,7 +95,7 @@ OBSERVATION_DEFAULTS: dict[str, Any] = {"domain": None, "confidence": None, "esc
                                         "error_code": None, "injected_slowdown": 1.0}
 OBSERVATION_FIELDS = OBSERVATION_REQUIRED + tuple(OBSERVATION_DEFAULTS)
 PROFILE_METRICS = ("load_ms", "ttft_ms", "tokens_per_s", "joules_per_token", "memory_mb", "energy_estimated",
-                   "n_samples", "updated_at")
+                   "confidence", "n_samples", "updated_at")
 CALIBRATION_REQUIRED = ("model", "task", "item_id", "score", "embedding")
 CALIBRATION_DEFAULTS: dict[str, Any] = {"domain": None, "latency_ms": None, "energy_j": None, "tokens_out": None,
                                         "ts": None}
