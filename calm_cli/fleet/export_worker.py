@@ -59,8 +59,14 @@ def export_decoder(spec: ModelSpec, source: Path, out: Path, precision: str, wor
 
             t0 = time.perf_counter()
             _log(f"{spec.name}: carrying the GGUF's quantized blocks into MatMulNBits")
-            result = int4.quantize_from_gguf(fp32_dir / "model.onnx", gguf, out / "model.onnx")
-            report["int4"] = result.as_dict()
+            levels = spec.accuracy_levels
+            result = int4.quantize_from_gguf(fp32_dir / "model.onnx", gguf, out / "model.onnx",
+                                             accuracy_level=levels["4bit"], accuracy_level_8bit=levels["8bit"])
+            _log(result.summary())
+            report["int4"] = {"matmuls": result.per_type, "min_corrected": result.min_corrected,
+                              "left_fp32": result.left_fp32, "accuracy_levels": levels,
+                              "weights_mb": [round(result.weight_bytes_before / 2**20, 1),
+                                             round(result.weight_bytes_after / 2**20, 1)]}
             report["int4_s"] = round(time.perf_counter() - t0, 1)
             for name in ("config.json", "generation_config.json"):
                 if (fp32_dir / name).is_file():

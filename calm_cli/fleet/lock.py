@@ -40,6 +40,7 @@ class ModelSpec:
     prompt: dict
     task: str
     precisions: tuple[str, ...]
+    accuracy_levels: dict  # MatMulNBits accuracy_level for 4-bit and 8-bit weights ({"4bit": n, "8bit": n})
 
     @property
     def generative(self) -> bool:
@@ -73,6 +74,7 @@ def load(path: Path = LOCK) -> dict[str, ModelSpec]:
             prompt=m["prompt"],
             task=m["export"]["task"],
             precisions=tuple(m["export"]["precisions"]),
+            accuracy_levels={"4bit": 4, "8bit": 4, **m["export"].get("accuracy_level", {})},
         )
         for name, m in data["models"].items()
     }
