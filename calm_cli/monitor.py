@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from calm_cli.engine.generate import Completion
 
 ERROR_CODES = ("bad_json", "bad_request", "bad_utf8", "too_large", "prompt_too_long", "model_failed", "timeout",
                "queue_full", "unavailable", "internal")
@@ -18,18 +17,16 @@ def error_record(request_id: Any, code: str, message: str) -> dict:
             "routing": None, "metrics": None}
 
 
-def observation(model: str, done: Completion, *, request_id: Any, policy: str, domain: str | None,
-                queue_ms: float, load_ms: float, cache_hit: bool, escalated_from: str | None,
-                slowdown: float) -> dict:
-    """One knowledge-base row for one model's run on one request."""
+def observation(run: Any, *, request_id: Any, policy: str, domain: str | None, queue_ms: float,
+                escalated_from: str | None, slowdown: float) -> dict:
+    """One knowledge-base row for one model's run (orchestrator.Run) on one request."""
     return {
-        "ts": time.time(), "request_id": None if request_id is None else str(request_id), "policy": policy,
-        "model": model, "domain": domain, "latency_ms": done.latency_ms, "ttft_ms": done.ttft_ms,
-        "queue_ms": queue_ms, "load_ms": load_ms, "tokens_in": done.tokens_in, "tokens_out": done.tokens_out,
-        "tokens_per_s": done.tokens_per_s, "energy_j": done.energy_j, "energy_estimated": done.energy_estimated,
-        "memory_mb": done.memory_mb, "confidence": done.confidence, "cache_hit": cache_hit,
-        "provider": done.provider, "escalated_from": escalated_from, "error_code": None,
-        "injected_slowdown": slowdown,
+        "ts": time.time(), "request_id": str(request_id), "policy": policy, "model": run.model, "domain": domain,
+        "latency_ms": run.latency_ms, "ttft_ms": run.ttft_ms, "queue_ms": queue_ms, "load_ms": run.load_ms,
+        "tokens_in": run.tokens_in, "tokens_out": run.tokens_out, "tokens_per_s": run.tokens_per_s,
+        "energy_j": run.energy_j, "energy_estimated": run.energy_estimated, "memory_mb": None,
+        "confidence": run.confidence, "cache_hit": run.hit, "provider": run.provider,
+        "escalated_from": escalated_from, "error_code": None, "injected_slowdown": slowdown,
     }
 
 
@@ -37,7 +34,7 @@ def failure_observation(model: str, *, request_id: Any, policy: str, domain: str
                         latency_ms: float, load_ms: float, provider: str) -> dict:
     """A knowledge-base row for a model run that failed, so error rates count it."""
     return {
-        "ts": time.time(), "request_id": None if request_id is None else str(request_id), "policy": policy,
+        "ts": time.time(), "request_id": str(request_id), "policy": policy,
         "model": model, "domain": domain, "latency_ms": latency_ms, "ttft_ms": None, "queue_ms": 0.0,
         "load_ms": load_ms, "tokens_in": 0, "tokens_out": 0, "tokens_per_s": None, "energy_j": None,
         "energy_estimated": True, "memory_mb": None, "confidence": None, "cache_hit": False, "provider": provider,

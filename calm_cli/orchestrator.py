@@ -16,7 +16,7 @@ import numpy as np
 
 from calm_cli import analyze, monitor, settings
 from calm_cli.engine.embed import Encoder
-from calm_cli.engine.generate import Completion, Decoder, PromptError
+from calm_cli.engine.generate import Decoder, PromptError
 from calm_cli.engine.prompt import render, stop_strings
 from calm_cli.engine.sampling import Sampling
 from calm_cli.execute import CacheError, CacheEvent, DecayedDemand, ModelCache
@@ -34,12 +34,43 @@ class Unavailable(RuntimeError):
     """A model the policy needs has no export (or the encoder is missing)."""
 
 
+class ModelsFailed(RuntimeError):
+    """Every candidate member failed (the message names each failure)."""
+
+
 @dataclass
-class Outcome:
+class Run:
+    """One member's work on one request, with its meters (the same fields for answers and bench items)."""
+
     model: str
-    done: Completion
-    hit: bool
-    load_ms: float
+    text: str
+    latency_ms: float
+    ttft_ms: float
+    tokens_in: int
+    tokens_out: int
+    tokens_per_s: float
+    energy_j: float
+    energy_estimated: bool
+    confidence: float
+    provider: str
+    stop_reason: str
+    payload: Any = None  # what the work returned (a Completion, an evaluation Outcome)
+    hit: bool = False
+    load_ms: float = 0.0
+
+
+Work = Callable[[Decoder, Member, bool], Run]
+
+
+@dataclass
+class Served:
+    decision: Decision
+    runs: list[Run]  # the first member's run, then the escalation's if any
+    reason: str
+    fallback_from: str | None
+    routing_ms: float
+    total_ms: float
+    streamed: bool
 
 
 class Calm:
@@ -124,103 +155,123 @@ class Calm:
 
     # ------------------------------------------------------------------ execute
 
-    def _run(self, member: Member, query: str, request: dict,
-             on_text: Callable[[str], None] | None = None) -> Outcome:
-        spec = self.specs[member.model]
+    def _generate(self, request: dict, on_text: Callable[[str], None] | None) -> Work:
+        """The work of a chat request: generate an answer with the member's prompt format."""
+
+        def work(decoder: Decoder, member: Member, stream: bool) -> Run:
+            spec = self.specs[member.model]
+            sampling = Sampling(temperature=float(request.get("temperature", member.temperature)),
+                                top_k=int(request.get("top_k", 0)), top_p=float(request.get("top_p", 1.0)),
+                                seed=request.get("seed"))
+            done = decoder.complete(render(spec.prompt, request["query"]),
+                                    int(request.get("max_tokens", member.max_tokens)), sampling,
+                                    stop_strings(spec.prompt), on_text=on_text if stream else None)
+            return Run(member.model, done.text, done.latency_ms, done.ttft_ms, done.tokens_in, done.tokens_out,
+                       done.tokens_per_s, done.energy_j, done.energy_estimated, done.confidence, done.provider,
+                       done.stop_reason, payload=done)
+
+        return work
+
+    def _execute(self, member: Member, work: Work, stream: bool) -> Run:
         acquired = self.cache.acquire(member.model)
         self.demand.observe(member.model)
-        decoder: Decoder = acquired.session
-        sampling = Sampling(temperature=float(request.get("temperature", member.temperature)),
-                            top_k=int(request.get("top_k", 0)), top_p=float(request.get("top_p", 1.0)),
-                            seed=request.get("seed"))
-        max_tokens = int(request.get("max_tokens", member.max_tokens))
-        done = decoder.complete(render(spec.prompt, query), max_tokens, sampling, stop_strings(spec.prompt),
-                                on_text=on_text)
+        run = work(acquired.session, member, stream)
+        run.hit, run.load_ms = acquired.hit, acquired.load_ms
         factor = self.slowdown.get(member.model, 1.0)
         if factor > 1.0:  # an injected slowdown, for adaptation benchmarks: the wait is real and recorded
-            extra = done.latency_ms * (factor - 1.0)
+            extra = run.latency_ms * (factor - 1.0)
             time.sleep(extra / 1000)
-            done.latency_ms += extra
-        return Outcome(member.model, done, acquired.hit, acquired.load_ms)
+            run.latency_ms += extra
+        return run
 
-    def answer(self, request: dict, queue_ms: float = 0.0, on_text: Callable[[str], None] | None = None) -> dict:
-        """One validated request (a dict per schemas/request.schema.json) -> its record.
+    def serve(self, query: str, work: Work, *, request_id: Any, domain: str | None = None,
+              forced: str | None = None, queue_ms: float = 0.0, stream: bool = False) -> Served:
+        """Plan, execute with fallback, escalate on low confidence, and record what happened.
 
-        `on_text` receives the final answer as it is generated. When the first answer may still be
-        escalated, it is held back and passed on whole if it stands; the escalated answer streams.
+        `work` does the member's job on a loaded decoder (generate an answer, or score a benchmark item).
+        With `stream`, only a run whose result is final may stream: when the first answer may still be
+        escalated, it does not stream, and the caller passes it on whole if it stands.
         """
         started = time.perf_counter()
-        request_id, query, domain = request.get("id"), request["query"], request.get("domain")
-        forced = request.get("model")
-        if forced is not None and forced not in self.members:
-            return monitor.error_record(request_id, "bad_request",
-                                        f"model {forced!r} is not a member of policy {self.policy.name} "
-                                        f"({', '.join(self.members)})")
         query_vec = self.encoder.embed([query])[0]
-        if forced:
-            decision = Decision(forced, [], "forced by the request")
-        else:
-            decision = self.plan(query_vec)
+        decision = Decision(forced, [], "forced by the request") if forced else self.plan(query_vec)
         routing_ms = (time.perf_counter() - started) * 1000
-        order = [decision.model] + [c.model for c in decision.candidates
-                                    if c.model != decision.model and c.filtered_by is None]
-        first, fallback_from, failures = None, None, []
+        order = [forced] if forced else [decision.model] + [
+            c.model for c in decision.candidates if c.model != decision.model and c.filtered_by is None]
         esc = self.policy.escalation_member
         may_escalate = esc is not None and not forced
-        for name in order if not forced else [forced]:
+        first, fallback_from, failures = None, None, []
+        for name in order:
             try:
-                first = self._run(self.members[name], query, request,
-                                  None if may_escalate and name != esc.model else on_text)
+                first = self._execute(self.members[name], work, stream and not (may_escalate and name != esc.model))
                 break
-            except PromptError as exc:
-                return monitor.error_record(request_id, "prompt_too_long" if "context" in str(exc) else
-                                            "bad_request", str(exc))
             except (CacheError, Unavailable, RuntimeError, MemoryError) as exc:
+                if isinstance(exc, PromptError):
+                    raise
                 failures.append(f"{name}: {exc}")
                 self.kb.record(monitor.failure_observation(
                     name, request_id=request_id, policy=self.policy.name, domain=domain, code="model_failed",
                     latency_ms=(time.perf_counter() - started) * 1000, load_ms=0.0, provider="unknown"))
                 fallback_from = fallback_from or name
         if first is None:
-            return monitor.error_record(request_id, "model_failed", "; ".join(failures))
+            raise ModelsFailed("; ".join(failures))
         runs = [first]
-        escalated_from = None
-        if (may_escalate and first.model != esc.model
-                and first.done.confidence < self.policy.escalation["confidence_threshold"]):
+        threshold = self.policy.escalation.get("confidence_threshold", 0.0)
+        if may_escalate and first.model != esc.model and first.confidence < threshold:
             try:
-                runs.append(self._run(esc, query, request, on_text))
-                escalated_from = first.model
+                runs.append(self._execute(esc, work, stream))
             except (CacheError, Unavailable, RuntimeError, MemoryError) as exc:
                 self.log(f"escalation to {esc.model} failed, keeping {first.model}'s answer: {exc}")
-        if on_text and may_escalate and first.model != esc.model and not escalated_from:
-            on_text(first.done.text)
         for i, run in enumerate(runs):
             self.kb.record(monitor.observation(
-                run.model, run.done, request_id=request_id, policy=self.policy.name, domain=domain,
-                load_ms=run.load_ms, cache_hit=run.hit, escalated_from=first.model if i else None,
-                slowdown=self.slowdown.get(run.model, 1.0), queue_ms=queue_ms))
-        final = runs[-1]
-        total_ms = (time.perf_counter() - started) * 1000
-        metrics = {
-            "latency_ms": round(total_ms + queue_ms, 2), "ttft_ms": round(routing_ms + sum(
-                r.load_ms + r.done.latency_ms for r in runs[:-1]) + final.load_ms + final.done.ttft_ms, 2),
-            "queue_ms": round(queue_ms, 2), "load_ms": round(sum(r.load_ms for r in runs), 2),
-            "routing_ms": round(routing_ms, 2), "tokens_in": final.done.tokens_in,
-            "tokens_out": final.done.tokens_out, "tokens_per_s": round(final.done.tokens_per_s, 2),
-            "energy_j": round(sum(r.done.energy_j for r in runs), 4),
-            "energy_estimated": any(r.done.energy_estimated for r in runs),
-            "memory_mb": round(self.cache.state()["used_mb"], 1),
-            "confidence": round(final.done.confidence, 4), "cache_hit": all(r.hit for r in runs),
-            "provider": final.done.provider, "stop_reason": final.done.stop_reason, "precision": self.precision,
-        }
+                run, request_id=request_id, policy=self.policy.name, domain=domain, queue_ms=queue_ms,
+                escalated_from=first.model if i else None, slowdown=self.slowdown.get(run.model, 1.0)))
         reason = decision.reason
-        if escalated_from:
-            reason += (f"; escalated to {final.model}: confidence {first.done.confidence:.2f} < "
-                       f"{self.policy.escalation['confidence_threshold']}")
+        if len(runs) > 1:
+            reason += f"; escalated to {esc.model}: confidence {first.confidence:.2f} < {threshold}"
+        return Served(decision, runs, reason, fallback_from, routing_ms, (time.perf_counter() - started) * 1000,
+                      streamed=stream and (runs[-1] is not first or not may_escalate or first.model == esc.model))
+
+    def answer(self, request: dict, queue_ms: float = 0.0, on_text: Callable[[str], None] | None = None) -> dict:
+        """One validated request (a dict per schemas/request.schema.json) -> its record.
+
+        `on_text` receives the final answer as it is generated (held back whole while it may be escalated).
+        """
+        request_id, forced = request.get("id"), request.get("model")
+        if forced is not None and forced not in self.members:
+            return monitor.error_record(request_id, "bad_request",
+                                        f"model {forced!r} is not a member of policy {self.policy.name} "
+                                        f"({', '.join(self.members)})")
+        try:
+            served = self.serve(request["query"], self._generate(request, on_text), request_id=request_id,
+                                domain=request.get("domain"), forced=forced, queue_ms=queue_ms,
+                                stream=on_text is not None)
+        except PromptError as exc:
+            return monitor.error_record(request_id, "prompt_too_long" if "context" in str(exc) else "bad_request",
+                                        str(exc))
+        except ModelsFailed as exc:
+            return monitor.error_record(request_id, "model_failed", str(exc))
+        final = served.runs[-1]
+        if on_text and not served.streamed:
+            on_text(final.text)
+        metrics = {
+            "latency_ms": round(served.total_ms + queue_ms, 2),
+            "ttft_ms": round(served.total_ms - sum(r.latency_ms for r in served.runs[-1:]) + final.ttft_ms, 2),
+            "queue_ms": round(queue_ms, 2), "load_ms": round(sum(r.load_ms for r in served.runs), 2),
+            "routing_ms": round(served.routing_ms, 2), "tokens_in": final.tokens_in, "tokens_out": final.tokens_out,
+            "tokens_per_s": round(final.tokens_per_s, 2),
+            "energy_j": round(sum(r.energy_j for r in served.runs), 4),
+            "energy_estimated": any(r.energy_estimated for r in served.runs),
+            "memory_mb": round(self.cache.state()["used_mb"], 1), "confidence": round(final.confidence, 4),
+            "cache_hit": all(r.hit for r in served.runs), "provider": final.provider,
+            "stop_reason": final.stop_reason, "precision": self.precision,
+        }
         return {
-            "id": request_id, "answer": final.done.text, "model": final.model, "error": None,
-            "routing": {"policy": self.policy.name, "candidates": [c.as_dict() for c in decision.candidates],
-                        "reason": reason, "escalated_from": escalated_from, "fallback_from": fallback_from},
+            "id": request_id, "answer": final.text, "model": final.model, "error": None,
+            "routing": {"policy": self.policy.name, "candidates": [c.as_dict() for c in served.decision.candidates],
+                        "reason": served.reason,
+                        "escalated_from": served.runs[0].model if len(served.runs) > 1 else None,
+                        "fallback_from": served.fallback_from},
             "metrics": metrics,
         }
 

@@ -129,6 +129,7 @@ def serve(calm: Calm, source: IO[bytes], out: IO[str]) -> int:
     queue: RequestQueue[Job] = RequestQueue(calm.policy.queue["discipline"], calm.policy.queue.get("max_waiting", 512))
     stopping = threading.Event()
     write_lock = threading.Lock()
+    late: list[Job] = []  # read by the reader after the queue closed: answered 'unavailable' at the end
 
     def emit(record: dict) -> None:
         with write_lock:
@@ -145,6 +146,7 @@ def serve(calm: Calm, source: IO[bytes], out: IO[str]) -> int:
             except QueueFull as exc:
                 emit(monitor.error_record(job.request["id"] if job.request else index + 1, "queue_full", str(exc)))
             except QueueClosed:
+                late.append(job)
                 break
         queue.close()
 
@@ -153,15 +155,23 @@ def serve(calm: Calm, source: IO[bytes], out: IO[str]) -> int:
         queue.close()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    threading.Thread(target=reader, name="calm-stdin", daemon=True).start()
+    thread = threading.Thread(target=reader, name="calm-stdin", daemon=True)
+    thread.start()
     answered = 0
+
+    def refuse(job: Job) -> None:
+        emit(job.record or monitor.error_record(job.request["id"], "unavailable", "calm is shutting down"))
+
     try:
         for job in queue:
             if stopping.is_set():
-                rid = job.request["id"] if job.request else job.index + 1
-                emit(monitor.error_record(rid, "unavailable", "calm is shutting down"))
+                refuse(job)
             else:
                 emit(handle(calm, job))
+            answered += 1
+        thread.join(timeout=0.5)  # a line the reader held when the queue closed still gets its record
+        for job in late:
+            refuse(job)
             answered += 1
     finally:
         for s, handler in previous.items():
