@@ -44,6 +44,15 @@ def _progress(label: str, total: int, work: Callable[[Callable[[int], None]], No
         work(bar.update)
 
 
+def _csv(kind: type) -> Callable[[click.Context, click.Parameter, str], list]:
+    def parse(ctx: click.Context, param: click.Parameter, value: str) -> list:
+        try:
+            return [kind(v) for v in value.split(",") if v]
+        except ValueError:
+            raise click.BadParameter(f"expected a comma-separated list, got {value!r}") from None
+    return parse
+
+
 def _echo_err(message: str) -> None:
     click.echo(message, err=True)
 
@@ -291,6 +300,52 @@ def serve_stdin(policy_path: str | None) -> None:
     _echo_err(f"calm: {answered} request(s) answered, bye")
 
 
+@main.command("profile")
+@click.option("--models", "model_names", callback=_csv(str), default="",
+              help="Comma-separated members to profile (default: every member of the policy).")
+@click.option("--limit", type=click.IntRange(1, 500), default=10, show_default=True,
+              help="Calibration items per task.")
+@click.option("--tasks", "task_names", callback=_csv(str), default="", help="Tasks (default: the default workload).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@POLICY_OPTION
+def profile_cmd(model_names: list[str], limit: int, task_names: list[str], seed: int,
+                policy_path: str | None) -> None:
+    """Calibrate the knowledge base: load time, TTFT, tok/s, J/token, memory and per-domain quality."""
+    from calm_cli import profile, tasks
+    from calm_cli.engine.embed import Encoder
+
+    pol = _policy(policy_path)
+    names = model_names or [m.model for m in pol.members]
+    specs = _specs(tuple(names))
+    store, kb = _store(), _kb()
+    precision = str(settings.get("precision"))
+    encoder_dirs = store.exports(pol.encoder)
+    if not encoder_dirs:
+        _fail(f"the routing encoder {pol.encoder} has no export: run `calm models export {pol.encoder}`")
+    missing = [s.name for s in specs if precision not in store.exports(s.name)]
+    if missing:
+        _fail(f"no {precision} export of {', '.join(missing)}: run `calm models export {' '.join(missing)}`")
+    try:
+        data = tasks.fetch_data(store.root, log=_echo_err)
+        items = profile.calibration_items(limit, seed, task_names or None, data)
+    except (tasks.TaskError, IntegrityError) as exc:
+        _fail(str(exc))
+    _echo_err(f"profile: {len(items)} calibration items ({', '.join(f'{k} {v}' for k, v in tasks.counts(items).items())})")
+    embeddings = profile.embed_items(Encoder(encoder_dirs.get("int8") or next(iter(encoder_dirs.values()))), items)
+    rows = []
+    for spec in specs:
+        with click.progressbar(length=len(items), label=f"profiling {spec.name}", file=sys.stderr) as bar:
+            result = profile.profile_model(spec, store.exports(spec.name)[precision], items, embeddings, kb,
+                                           precision, lambda: bar.update(1))
+        rows.append(result)
+    domains = sorted({d for r in rows for d in r.quality})
+    headers = ["model", "load ms", "TTFT ms", "tok/s", "J/token", "MB", *domains]
+    click.echo(tabulate([[r.model, r.load_ms, r.ttft_ms, r.tokens_per_s, r.joules_per_token, r.memory_mb,
+                          *[r.quality.get(d) for d in domains]] for r in rows], headers=headers, floatfmt=".2f"))
+    if rows and rows[0].energy_estimated:
+        _echo_err("energy is estimated (CPU-seconds x CALM_WATTS_PER_CORE): no NVML energy counter here")
+
+
 @main.group("policy")
 def policy_group() -> None:
     """Validate and show policies."""
@@ -394,15 +449,6 @@ def kb_reset(yes: bool) -> None:
 @main.group()
 def bench() -> None:
     """Benchmarks that print figures measured side by side in one run."""
-
-
-def _csv(kind: type) -> Callable[[click.Context, click.Parameter, str], list]:
-    def parse(ctx: click.Context, param: click.Parameter, value: str) -> list:
-        try:
-            return [kind(v) for v in value.split(",") if v]
-        except ValueError:
-            raise click.BadParameter(f"expected a comma-separated list, got {value!r}") from None
-    return parse
 
 
 @bench.command("engine")

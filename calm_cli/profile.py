@@ -1,0 +1,93 @@
+"""`calm profile`: calibrate the knowledge base — each member's speed, energy, memory and per-item quality.
+
+Quality is learned per calibration item together with the item's query embedding, so Plan can estimate a
+member's quality for a new query from the items most like it (plan.knn_quality). The calibration items
+are the `tasks.split` side that `calm bench` never evaluates on.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from calm_cli import evaluate, tasks
+from calm_cli.engine.embed import Encoder
+from calm_cli.engine.generate import Decoder
+from calm_cli.engine.prompt import render
+from calm_cli.fleet.lock import ModelSpec
+from calm_cli.knowledge import KnowledgeBase
+
+SPEED_PROMPTS = ("Explain briefly why the sky is blue.", "Write a Python function that returns the sum of a list.",
+                 "List three facts about the Moon.")
+SPEED_TOKENS = 64
+CALIBRATION_FRACTION = 0.5
+
+
+@dataclass
+class ModelProfile:
+    model: str
+    load_ms: float
+    memory_mb: float
+    ttft_ms: float
+    tokens_per_s: float
+    joules_per_token: float
+    energy_estimated: bool
+    confidence: float
+    quality: dict[str, float]  # domain -> mean score on the calibration items
+    items: int
+    provider: str
+
+
+def calibration_items(n_per_task: int, seed: int, task_names: list[str] | None, data: dict) -> list[tasks.Item]:
+    """About `n_per_task` calibration items per task (the side of the split that benchmarks leave alone)."""
+    pool = tasks.load_items(task_names, max(2, int(n_per_task / CALIBRATION_FRACTION) + 2), seed, data)
+    calibration, _ = tasks.split(pool, CALIBRATION_FRACTION, seed)
+    by_task: dict[str, list[tasks.Item]] = {}
+    for item in calibration:
+        by_task.setdefault(item.task, []).append(item)
+    return [item for items in by_task.values() for item in items[:n_per_task]]
+
+
+def profile_model(spec: ModelSpec, export_dir, items: list[tasks.Item], embeddings: np.ndarray,
+                  kb: KnowledgeBase, precision: str, step: Callable[[], None]) -> ModelProfile:
+    """Measure one member and store its profile and calibration rows."""
+    started = time.perf_counter()
+    decoder = Decoder(export_dir)
+    load_ms = (time.perf_counter() - started) * 1000
+    weights_mb = sum(p.stat().st_size for p in export_dir.glob("model.onnx*")) / 2**20
+    runs = [decoder.complete(render(spec.prompt, q), SPEED_TOKENS) for q in SPEED_PROMPTS]
+    tokens = sum(r.tokens_out for r in runs)
+    rows, confidences = [], []
+    for item, vec in zip(items, embeddings):
+        outcome = evaluate.evaluate_item(decoder, spec, item)
+        rows.append({"model": spec.name, "task": item.task, "item_id": item.item_id, "domain": item.domain,
+                     "score": outcome.score, "latency_ms": outcome.latency_ms, "energy_j": outcome.energy_j,
+                     "tokens_out": outcome.tokens_out, "embedding": vec})
+        confidences.append(outcome.confidence)
+        step()
+    kb.add_calibration(rows)
+    result = ModelProfile(
+        model=spec.name, load_ms=load_ms, memory_mb=max(decoder.memory_mb, weights_mb),
+        ttft_ms=statistics.median(r.ttft_ms for r in runs),
+        tokens_per_s=statistics.median(r.tokens_per_s for r in runs if r.tokens_out > 1) if tokens else 0.0,
+        joules_per_token=sum(r.energy_j for r in runs) / max(tokens, 1),
+        energy_estimated=any(r.energy_estimated for r in runs),
+        confidence=float(np.mean(confidences)) if confidences else float(np.mean([r.confidence for r in runs])),
+        quality={}, items=len(rows), provider=decoder.provider)
+    for row in rows:
+        result.quality.setdefault(row["domain"], []).append(row["score"])  # type: ignore[arg-type]
+    result.quality = {d: float(np.mean(v)) for d, v in result.quality.items()}
+    kb.upsert_profile(spec.name, precision, decoder.provider, load_ms=result.load_ms, ttft_ms=result.ttft_ms,
+                      tokens_per_s=result.tokens_per_s, joules_per_token=result.joules_per_token,
+                      memory_mb=result.memory_mb, energy_estimated=result.energy_estimated,
+                      confidence=result.confidence, n_samples=len(rows) + len(runs))
+    return result
+
+
+def embed_items(encoder: Encoder, items: list[tasks.Item]) -> np.ndarray:
+    """Query embeddings, one at a time: routing embeds one query at a time, so calibration must too."""
+    return np.vstack([encoder.embed([item.query]) for item in items]) if items else np.zeros((0, 0), np.float32)
