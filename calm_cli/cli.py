@@ -446,9 +446,89 @@ def kb_reset(yes: bool) -> None:
     click.echo("kb: reset", err=True)
 
 
-@main.group()
-def bench() -> None:
-    """Benchmarks that print figures measured side by side in one run."""
+def _number(text: str, kind: type) -> float | int | None:
+    try:
+        return kind(text)
+    except ValueError:
+        return None
+
+
+def _slow(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, float] | None:
+    if not value:
+        return None
+    model, _, factor = value.partition("=")
+    f = _number(factor, float)
+    if not model or f is None or f < 1:
+        raise click.BadParameter(f"expected MODEL=FACTOR with FACTOR >= 1, got {value!r}")
+    return model, f
+
+
+def _budget_cut(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, int] | None:
+    if not value:
+        return None
+    mb, _, at = value.partition("@")
+    budget, request = _number(mb, float), _number(at, int)
+    if budget is None or request is None or budget <= 0 or request < 0:
+        raise click.BadParameter(f"expected MB@N (a budget in MB and a request number), got {value!r}")
+    return budget, request
+
+
+@main.group(invoke_without_command=True)
+@click.option("--policy", "policy_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Policy to run (repeatable; default: policies/default.yaml and policies/quality-first.yaml).")
+@click.option("--tasks", "task_names", callback=_csv(str), default="", help="Tasks (default: the default workload).")
+@click.option("--n", "n_per_task", type=click.IntRange(1, 1000), default=10, show_default=True,
+              help="Items per task.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--rule", type=click.Choice(["mean", "sum"]), default="mean", show_default=True,
+              help="Multiple-choice scoring: length-normalised (mean) or summed log-likelihood.")
+@click.option("--shift", is_flag=True, help="Scenario: the domain mix changes halfway.")
+@click.option("--slow", callback=_slow, help="Scenario: MODEL=FACTOR slows one member from a third of the way.")
+@click.option("--budget-cut", callback=_budget_cut, help="Scenario: MB@N cuts the cache budget at request N.")
+@click.option("--arrival", type=click.FloatRange(0.0, min_open=True),
+              help="Scenario: Poisson arrivals at RATE requests/s; FIFO against shortest-predicted-job-first.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write {systems, scenarios} here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write the quality/latency/energy plot.")
+@click.pass_context
+def bench(ctx: click.Context, policy_paths: tuple[str, ...], task_names: list[str], n_per_task: int, seed: int,
+          rule: str, shift: bool, slow, budget_cut, arrival: float | None, json_path: str | None,
+          plot_path: str | None) -> None:
+    """The workload benchmark: calm's policies against the single larger model, each member alone, random
+    routing and a hindsight oracle, side by side in one run. `calm bench engine` compares engines."""
+    if ctx.invoked_subcommand:
+        return
+    from calm_cli import tasks
+    from calm_cli.bench import report, workload
+    from calm_cli.knowledge import default_path
+    from calm_cli.resources import POLICIES
+
+    policies = [_policy(p) for p in (policy_paths or (str(POLICIES / "default.yaml"),
+                                                      str(POLICIES / "quality-first.yaml")))]
+    store = _store()
+    precision = str(settings.get("precision"))
+    needed = {m.model for p in policies for m in p.members} | {workload.BASELINE, policies[0].encoder}
+    missing = sorted(n for n in needed if not store.exports(n))
+    if missing:
+        _fail(f"not exported: {', '.join(missing)}: run `calm models export {' '.join(missing)}`")
+    try:
+        data = tasks.fetch_data(store.root, log=_echo_err)
+        items = workload.workload(data, task_names or None, n_per_task, seed, shift)
+    except (tasks.TaskError, IntegrityError) as exc:
+        _fail(str(exc))
+    _echo_err(f"bench: {len(items)} queries ({', '.join(f'{k} {v}' for k, v in tasks.counts(items).items())}); "
+              f"multiple choice scored by {rule} log-likelihood over shuffled options")
+    result = workload.run(policies, store, default_path(), precision, items, rule, seed,
+                          workload.Scenarios(shift, slow, budget_cut, arrival), _echo_err)
+    result["workload"] = {"queries": len(items), "per_task": tasks.counts(items), "seed": seed, "rule": rule,
+                          "precision": precision}
+    click.echo(report.table(result))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if plot_path:
+        try:
+            report.plot(result, Path(plot_path))
+        except ImportError:
+            _fail("--plot needs matplotlib: pip install -e '.[plot]'")
 
 
 @bench.command("engine")

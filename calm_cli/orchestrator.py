@@ -86,6 +86,7 @@ class Calm:
         self.planner = Planner(policy, list(policy.fleet), self.encoder.embed)
         self.demand = DecayedDemand()
         self.slowdown: dict[str, float] = {}  # injected by `calm bench --slow`; recorded with every observation
+        self.adaptive = True  # False: predict from calibrated profiles only (the benchmark's static routing)
         self.cache = ModelCache(policy.cache, load=self._load, memory_of=self._memory_of,
                                 estimate_mb=self._estimate_mb, load_cost_ms=self._load_cost_ms,
                                 demand=self.demand, log=self._cache_event)
@@ -136,7 +137,8 @@ class Calm:
         """What a request is expected to cost on `member`, from recent runs, else its profile."""
         name = member.model
         profile = self._profile(name)
-        health = analyze.health(name, self.kb.recent(name, WINDOW), self.policy.goals, profile)
+        recent = self.kb.recent(name, WINDOW) if self.adaptive else []
+        health = analyze.health(name, recent, self.policy.goals, profile)
         loaded = any(entry["model"] == name for entry in self.cache.state()["loaded"])
         load_ms = 0.0 if loaded else self._load_cost_ms(name)
         memory = self._estimate_mb(name)

@@ -1,0 +1,63 @@
+"""The workload benchmark's table and plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tabulate import tabulate
+
+
+def _delta(value: float, base: float) -> str:
+    return f"{(value / base - 1) * 100:+.0f}%" if base else "n/a"
+
+
+def table(result: dict) -> str:
+    systems = result["systems"]
+    base = next(s for s in systems if s["baseline"])
+    rows = []
+    for s in systems:
+        rows.append([s["name"] + (" [baseline]" if s["baseline"] else ""), s["quality"],
+                     f"{s['quality'] / base['quality'] * 100:.0f}%" if base["quality"] else "n/a",
+                     s["latency_p50_ms"], s["latency_p95_ms"], _delta(s["latency_mean_ms"], base["latency_mean_ms"]),
+                     s["energy_j_per_query"], _delta(s["energy_j_per_query"], base["energy_j_per_query"]),
+                     s["cache_hit_rate"], s["escalation_rate"], s["peak_memory_mb"],
+                     s["latency_goal_violations"]])
+    out = tabulate(rows, headers=["system", "quality", "of baseline", "p50 ms", "p95 ms", "mean latency",
+                                  "J/query", "energy", "cache hits", "escalated", "peak MB", "latency goal misses"],
+                   floatfmt=".3f")
+    domains = sorted({d for s in systems for d in s["quality_by_domain"]})
+    out += "\n\n" + tabulate([[s["name"], *[s["quality_by_domain"].get(d) for d in domains]] for s in systems],
+                             headers=["quality by domain", *domains], floatfmt=".2f")
+    if any(s["energy_estimated"] for s in systems):
+        out += "\n\nenergy is estimated (CPU-seconds x CALM_WATTS_PER_CORE; no NVML energy counter on this machine)"
+    for name, scenario in result.get("scenarios", {}).items():
+        out += f"\n\nscenario {name}:\n" + "\n".join(f"  {k}: {v}" for k, v in scenario.items())
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    """Quality against latency and against energy, one point per system (matplotlib, the [plot] extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, key, label in ((axes[0], "latency_mean_ms", "mean latency per query (ms)"),
+                           (axes[1], "energy_j_per_query", "energy per query (J)")):
+        for s in result["systems"]:
+            marker = "*" if s["name"].startswith("calm") else "s" if s["baseline"] else "o"
+            ax.scatter(s[key], s["quality"], marker=marker, s=120 if marker == "*" else 50)
+            ax.annotate(s["name"], (s[key], s["quality"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        sweep = result.get("sweep", [])
+        if sweep:
+            points = sorted((p[key], p["quality"]) for p in sweep)
+            ax.plot([p[0] for p in points], [p[1] for p in points], "--", alpha=0.6, label="calm, weight sweep")
+            ax.legend(fontsize=7)
+        ax.set_xlabel(label)
+        ax.set_ylabel("quality (mean score)")
+        ax.grid(alpha=0.3)
+    estimated = " (energy estimated)" if any(s["energy_estimated"] for s in result["systems"]) else ""
+    fig.suptitle(f"calm bench: {result.get('workload', {}).get('queries', '?')} queries{estimated}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

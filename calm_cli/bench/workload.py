@@ -1,0 +1,346 @@
+"""`calm bench`: calm's policies against the single larger model, each member alone, random routing and a
+hindsight oracle, on one pinned, seeded workload, with the same engine in the same run.
+
+Every system starts cold (its first request pays the model loads). Latency per query includes routing,
+queueing and loading; energy is joules per query (estimated where NVML is absent, and said so). The
+benchmark writes its observations to a copy of the knowledge base, so the calibration `calm profile` left
+there is used and nothing the benchmark does stays behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import sqlite3
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from calm_cli import evaluate, tasks
+from calm_cli.engine.generate import Decoder
+from calm_cli.fleet import lock
+from calm_cli.fleet.store import Store
+from calm_cli.knowledge import KnowledgeBase
+from calm_cli.execute import RequestQueue
+from calm_cli.orchestrator import Calm, Run
+from calm_cli.policy import Member, Policy
+
+BASELINE = "qwen2.5-coder-1.5b"
+HIT_WINDOW = 10  # requests in the sliding window of the cache-hit-rate recovery measure
+
+
+@dataclass
+class QueryResult:
+    item: tasks.Item
+    model: str
+    score: float
+    latency_ms: float
+    energy_j: float
+    energy_estimated: bool
+    cache_hit: bool = True
+    escalated: bool = False
+    queue_ms: float = 0.0
+
+
+@dataclass
+class SystemResult:
+    name: str
+    results: list[QueryResult]
+    peak_memory_mb: float
+    baseline: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def summary(self, goals: dict) -> dict:
+        r = self.results
+        latency = np.array([q.latency_ms for q in r])
+        energy = np.array([q.energy_j for q in r])
+        domains: dict[str, list[float]] = {}
+        for q in r:
+            domains.setdefault(q.item.domain, []).append(q.score)
+        models: dict[str, int] = {}
+        for q in r:
+            models[q.model] = models.get(q.model, 0) + 1
+        out = {
+            "name": self.name, "baseline": self.baseline, "queries": len(r),
+            "quality": round(float(np.mean([q.score for q in r])), 4),
+            "quality_by_domain": {d: round(float(np.mean(v)), 4) for d, v in sorted(domains.items())},
+            "latency_p50_ms": round(float(np.percentile(latency, 50)), 1),
+            "latency_p95_ms": round(float(np.percentile(latency, 95)), 1),
+            "latency_mean_ms": round(float(latency.mean()), 1),
+            "energy_j_per_query": round(float(energy.mean()), 3),
+            "energy_estimated": any(q.energy_estimated for q in r),
+            "peak_memory_mb": round(self.peak_memory_mb, 1),
+            "cache_hit_rate": round(float(np.mean([q.cache_hit for q in r])), 4),
+            "escalation_rate": round(float(np.mean([q.escalated for q in r])), 4),
+            "models": models,
+            "latency_goal_violations": int((latency > goals.get("latency_p95_ms", np.inf)).sum()),
+            "energy_goal_violations": int((energy > goals.get("energy_j_per_query", np.inf)).sum()),
+            **self.extra,
+        }
+        return out
+
+
+def copy_knowledge(source: Path, into: Path) -> KnowledgeBase:
+    """A private copy of the knowledge base (sqlite's backup API: consistent even while others write)."""
+    target = into / "bench-knowledge.sqlite"
+    if source.exists():
+        with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+            src.backup(dst)
+    return KnowledgeBase(target)
+
+
+def item_work(item: tasks.Item, rule: str):
+    """The orchestrator's work for a benchmark item: the chosen member answers it and is graded."""
+    specs = lock.load()
+
+    def work(decoder: Decoder, member: Member, stream: bool) -> Run:
+        o = evaluate.evaluate_item(decoder, specs[member.model], item, rule)
+        rate = o.tokens_out / (o.latency_ms / 1000) if o.tokens_out and o.latency_ms else 0.0
+        return Run(member.model, o.answer, o.latency_ms, o.latency_ms, o.tokens_in, o.tokens_out, rate, o.energy_j,
+                   o.energy_estimated, o.confidence, decoder.provider, "eos", payload=o)
+
+    return work
+
+
+def run_alone(name: str, store: Store, precision: str, items: list[tasks.Item], rule: str,
+              step: Callable[[], None]) -> SystemResult:
+    """One member answers everything; its load is paid by the first query."""
+    spec = lock.load()[name]
+    started = time.perf_counter()
+    decoder = Decoder(store.exports(name)[precision])
+    load_ms = (time.perf_counter() - started) * 1000
+    results = []
+    for i, item in enumerate(items):
+        o = evaluate.evaluate_item(decoder, spec, item, rule)
+        results.append(QueryResult(item, name, o.score, o.latency_ms + (load_ms if i == 0 else 0.0), o.energy_j,
+                                   o.energy_estimated, cache_hit=i > 0))
+        step()
+    weights = sum(p.stat().st_size for p in store.exports(name)[precision].glob("model.onnx*")) / 2**20
+    return SystemResult(f"{name} alone", results, max(decoder.memory_mb, weights), baseline=name == BASELINE)
+
+
+def run_calm(calm: Calm, items: list[tasks.Item], rule: str, step: Callable[[int], None],
+             forced: Callable[[int], str | None] = lambda i: None,
+             before: Callable[[int], None] = lambda i: None) -> SystemResult:
+    """Items through the MAPE-K loop (or forced members, for random routing); `before(i)` injects events."""
+    results, peak = [], 0.0
+    for i, item in enumerate(items):
+        before(i)
+        served = calm.serve(item.query, item_work(item, rule), request_id=f"bench-{i}", domain=item.domain,
+                            forced=forced(i))
+        final = served.runs[-1]
+        peak = max(peak, calm.cache.state()["used_mb"])
+        results.append(QueryResult(item, final.model, final.payload.score, served.total_ms,
+                                   sum(r.energy_j for r in served.runs),
+                                   any(r.energy_estimated for r in served.runs),
+                                   cache_hit=all(r.hit for r in served.runs), escalated=len(served.runs) > 1))
+        step(i)
+    return SystemResult(f"calm ({calm.policy.name})", results, peak)
+
+
+def oracle(alone: dict[str, SystemResult]) -> SystemResult:
+    """Hindsight upper bound: per item, the cheapest (by energy) member that got it right, else the cheapest."""
+    names = list(alone)
+    results = []
+    for i in range(len(alone[names[0]].results)):
+        options = [alone[n].results[i] for n in names]
+        right = [q for q in options if q.score >= 1.0] or options
+        best = min(right, key=lambda q: q.energy_j)
+        results.append(QueryResult(best.item, best.model, best.score, best.latency_ms, best.energy_j,
+                                   best.energy_estimated))
+    return SystemResult("oracle (hindsight)", results, max(s.peak_memory_mb for s in alone.values()))
+
+
+def hit_rate_recovery(results: list[QueryResult], at: int, window: int = HIT_WINDOW) -> int | None:
+    """Requests after `at` until the windowed cache hit rate is back at its level just before `at`."""
+    hits = np.array([q.cache_hit for q in results], dtype=float)
+    if at < window or at >= len(hits):
+        return None
+    before = hits[at - window:at].mean()
+    for j in range(at + 1, len(hits) - window + 1):
+        if hits[j:j + window].mean() >= before:
+            return j - at
+    return None
+
+
+def traffic_moved_after(results: list[QueryResult], model: str, at: int, window: int = HIT_WINDOW) -> int | None:
+    """Requests after `at` until `model`'s share of a window falls below half its share before `at`."""
+    chose = np.array([q.model == model for q in results], dtype=float)
+    before = chose[:at].mean() if at else 0.0
+    if before == 0:
+        return None
+    for j in range(at, len(chose) - window + 1):
+        if chose[j:j + window].mean() < before / 2:
+            return j - at
+    return None
+
+
+def make_calm(policy: Policy, store: Store, kb: KnowledgeBase, adaptive: bool = True) -> Calm:
+    calm = Calm(policy, store, kb)
+    calm.adaptive = adaptive
+    return calm
+
+
+def random_routing(policy: Policy, store: Store, kb: KnowledgeBase, items: list[tasks.Item], rule: str, seed: int,
+                   step: Callable[[int], None]) -> SystemResult:
+    rng = random.Random(seed)
+    members = [m.model for m in policy.fleet]
+    picks = [rng.choice(members) for _ in items]
+    calm = make_calm(policy, store, kb)
+    result = run_calm(calm, items, rule, step, forced=lambda i: picks[i])
+    result.name = "random routing"
+    return result
+
+
+def run_arrivals(calm: Calm, items: list[tasks.Item], rule: str, rate: float, seed: int,
+                 step: Callable[[int], None]) -> SystemResult:
+    """Requests arrive as a Poisson stream of `rate` per second; one worker serves them in the order the
+    policy's queue discipline gives (FIFO or shortest-predicted-job-first); latency includes the wait."""
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1.0 / rate, size=len(items)))
+    queue: RequestQueue[int] = RequestQueue(calm.policy.queue["discipline"], max(len(items), 1))
+    results: list[QueryResult | None] = [None] * len(items)
+    start, released, served_n, peak = time.perf_counter(), 0, 0, 0.0
+    while served_n < len(items):
+        now = time.perf_counter() - start
+        while released < len(items) and arrivals[released] <= now:
+            item = items[released]
+            decision = calm.plan(calm.encoder.embed([item.query])[0])
+            chosen = next(c for c in decision.candidates if c.model == decision.model)
+            queue.put(released, chosen.latency_ms + chosen.load_ms)
+            released += 1
+        if not len(queue):
+            time.sleep(max(0.0, arrivals[released] - now))
+            continue
+        i = queue.get()
+        waited = (time.perf_counter() - start - arrivals[i]) * 1000
+        item = items[i]
+        served = calm.serve(item.query, item_work(item, rule), request_id=f"bench-{i}", domain=item.domain,
+                            queue_ms=waited)
+        final = served.runs[-1]
+        peak = max(peak, calm.cache.state()["used_mb"])
+        results[i] = QueryResult(item, final.model, final.payload.score, served.total_ms + waited,
+                                 sum(r.energy_j for r in served.runs), any(r.energy_estimated for r in served.runs),
+                                 cache_hit=all(r.hit for r in served.runs), escalated=len(served.runs) > 1,
+                                 queue_ms=waited)
+        served_n += 1
+        step(served_n)
+    name = f"calm ({calm.policy.name}, {calm.policy.queue['discipline']}, {rate}/s)"
+    return SystemResult(name, [r for r in results if r is not None], peak)
+
+
+@dataclass
+class Scenarios:
+    shift: bool = False
+    slow: tuple[str, float] | None = None
+    budget_cut: tuple[float, int] | None = None
+    arrival: float | None = None
+
+
+def workload(data: dict, task_names: list[str] | None, n_per_task: int, seed: int,
+             shift: bool = False) -> list[tasks.Item]:
+    """The evaluation side of the split (never calibrated on), n per task, domains mixed by a seeded shuffle;
+    with `shift`, knowledge and commonsense first, then code, arithmetic and science."""
+    pool = tasks.load_items(task_names, 2 * n_per_task + 2, seed, data)
+    _, evaluation = tasks.split(pool, 0.5, seed)
+    by_task: dict[str, list[tasks.Item]] = {}
+    for item in evaluation:
+        by_task.setdefault(item.task, []).append(item)
+    items = [item for chosen in by_task.values() for item in chosen[:n_per_task]]
+    random.Random(seed).shuffle(items)
+    if shift:
+        first = {"knowledge", "commonsense"}
+        items = [i for i in items if i.domain in first] + [i for i in items if i.domain not in first]
+    return items
+
+
+def run(policies: list[Policy], store: Store, kb_source: Path, precision: str, items: list[tasks.Item],
+        rule: str, seed: int, scenarios: Scenarios, log: Callable[[str], None]) -> dict:
+    """Every system on `items`, side by side; returns {"systems": [...], "scenarios": {...}}."""
+    goals = policies[0].goals
+    members = list(dict.fromkeys([m.model for p in policies for m in p.members] + [BASELINE]))
+    systems: list[SystemResult] = []
+    scenario_out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="calm-bench-") as tmp:
+        def fresh_kb(tag: str) -> KnowledgeBase:
+            directory = Path(tmp) / tag
+            directory.mkdir()
+            return copy_knowledge(kb_source, directory)
+
+        def progress(label: str) -> Callable[..., None]:
+            log(f"bench: {label} ...")
+            return lambda *a: None
+
+        alone = {}
+        for name in members:
+            alone[name] = run_alone(name, store, precision, items, rule, progress(f"{name} alone"))
+        systems.extend(alone.values())
+        for policy in policies:
+            calm = make_calm(policy, store, fresh_kb(f"policy-{policy.name}"))
+            systems.append(run_calm(calm, items, rule, progress(f"calm with policy {policy.name}")))
+        log("bench: random routing ...")
+        systems.append(random_routing(policies[0], store, fresh_kb("random"), items, rule, seed, lambda i: None))
+        systems.append(oracle({n: alone[n] for n in members}))
+        main_policy = policies[0]
+        if scenarios.shift:
+            half = len(items) // 2
+            for adaptive in (True, False):
+                calm = make_calm(main_policy, store, fresh_kb(f"shift-{adaptive}"), adaptive)
+                r = run_calm(calm, items, rule, progress(f"shift ({'adaptive' if adaptive else 'static'})"))
+                scenario_out.setdefault("shift", {})["adaptive" if adaptive else "static"] = {
+                    "shift_at": half, "requests_to_recover_hit_rate": hit_rate_recovery(r.results, half),
+                    "hit_rate_before": round(float(np.mean([q.cache_hit for q in r.results[:half]])), 3),
+                    "hit_rate_after": round(float(np.mean([q.cache_hit for q in r.results[half:]])), 3),
+                    "quality": r.summary(goals)["quality"]}
+        if scenarios.slow:
+            model, factor = scenarios.slow
+            at = len(items) // 3
+            for adaptive in (True, False):
+                calm = make_calm(main_policy, store, fresh_kb(f"slow-{adaptive}"), adaptive)
+
+                def inject(i: int, calm: Calm = calm) -> None:
+                    if i == at:
+                        calm.slowdown[model] = factor
+
+                r = run_calm(calm, items, rule, progress(f"slow {model} x{factor} ({adaptive=})"), before=inject)
+                after = r.results[at:]
+                goal = main_policy.goals.get("latency_p95_ms", float("inf"))
+                scenario_out.setdefault("slow", {})["adaptive" if adaptive else "static"] = {
+                    "model": model, "factor": factor, "injected_at": at,
+                    "requests_until_traffic_moved": traffic_moved_after(r.results, model, at),
+                    "share_before": round(float(np.mean([q.model == model for q in r.results[:at]])), 3),
+                    "share_after": round(float(np.mean([q.model == model for q in after])), 3),
+                    "latency_violation_share_after": round(float(np.mean([q.latency_ms > goal for q in after])), 3),
+                    "latency_p95_ms_after": round(float(np.percentile([q.latency_ms for q in after], 95)), 1)}
+        if scenarios.budget_cut:
+            budget, at = scenarios.budget_cut
+            calm = make_calm(main_policy, store, fresh_kb("budget"))
+            used: list[float] = []
+
+            def cut(i: int) -> None:
+                if i == at:
+                    calm.cache.set_budget(budget)
+                if i == at + 1:
+                    used.append(calm.cache.state()["used_mb"])
+
+            r = run_calm(calm, items, rule, progress(f"budget cut to {budget} MB at request {at}"), before=cut)
+            scenario_out["budget_cut"] = {
+                "budget_mb": budget, "at_request": at, "used_mb_at_next_request": used[0] if used else None,
+                "within_budget_by_next_request": bool(used and used[0] <= budget + 1e-6),
+                "evictions": calm.cache.state()["evictions"], "quality": r.summary(goals)["quality"]}
+        if scenarios.arrival:
+            out = {}
+            for discipline in ("fifo", "sjf"):
+                policy = dataclasses.replace(main_policy, queue={**main_policy.queue, "discipline": discipline})
+                calm = make_calm(policy, store, fresh_kb(f"arrival-{discipline}"))
+                r = run_arrivals(calm, items, rule, scenarios.arrival, seed, progress(f"arrivals {discipline}"))
+                summary = r.summary(goals)
+                out[discipline] = {k: summary[k] for k in ("latency_p50_ms", "latency_p95_ms", "latency_mean_ms",
+                                                           "quality")}
+                out[discipline]["queue_ms_mean"] = round(float(np.mean([q.queue_ms for q in r.results])), 1)
+            scenario_out["arrival"] = {"rate_per_s": scenarios.arrival, **out}
+    return {"systems": [s.summary(goals) for s in systems], "scenarios": scenario_out}
