@@ -487,12 +487,15 @@ def _budget_cut(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--budget-cut", callback=_budget_cut, help="Scenario: MB@N cuts the cache budget at request N.")
 @click.option("--arrival", type=click.FloatRange(0.0, min_open=True),
               help="Scenario: Poisson arrivals at RATE requests/s; FIFO against shortest-predicted-job-first.")
+@click.option("--sweep", callback=_csv(float), default="",
+              help="Also run the first policy with its cost weights (latency, energy, load) scaled by these "
+                   "factors, e.g. 0.25,4: the curve on the plot.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write {systems, scenarios} here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write the quality/latency/energy plot.")
 @click.pass_context
 def bench(ctx: click.Context, policy_paths: tuple[str, ...], task_names: list[str], n_per_task: int, seed: int,
-          rule: str, shift: bool, slow, budget_cut, arrival: float | None, json_path: str | None,
-          plot_path: str | None) -> None:
+          rule: str, shift: bool, slow, budget_cut, arrival: float | None, sweep: list[float],
+          json_path: str | None, plot_path: str | None) -> None:
     """The workload benchmark: calm's policies against the single larger model, each member alone, random
     routing and a hindsight oracle, side by side in one run. `calm bench engine` compares engines."""
     if ctx.invoked_subcommand:
@@ -518,7 +521,7 @@ def bench(ctx: click.Context, policy_paths: tuple[str, ...], task_names: list[st
     _echo_err(f"bench: {len(items)} queries ({', '.join(f'{k} {v}' for k, v in tasks.counts(items).items())}); "
               f"multiple choice scored by {rule} log-likelihood over shuffled options")
     result = workload.run(policies, store, default_path(), precision, items, rule, seed,
-                          workload.Scenarios(shift, slow, budget_cut, arrival), _echo_err)
+                          workload.Scenarios(shift, slow, budget_cut, arrival, tuple(sweep)), _echo_err)
     result["workload"] = {"queries": len(items), "per_task": tasks.counts(items), "seed": seed, "rule": rule,
                           "precision": precision}
     click.echo(report.table(result))

@@ -239,6 +239,7 @@ class Scenarios:
     slow: tuple[str, float] | None = None
     budget_cut: tuple[float, int] | None = None
     arrival: float | None = None
+    sweep: tuple[float, ...] = ()  # factors on the main policy's cost weights (latency, energy, load)
 
 
 def workload(data: dict, task_names: list[str] | None, n_per_task: int, seed: int,
@@ -286,6 +287,15 @@ def run(policies: list[Policy], store: Store, kb_source: Path, precision: str, i
         systems.append(random_routing(policies[0], store, fresh_kb("random"), items, rule, seed, lambda i: None))
         systems.append(oracle({n: alone[n] for n in members}))
         main_policy = policies[0]
+        sweep = []
+        for factor in scenarios.sweep:
+            weights = {**main_policy.weights, **{k: main_policy.weights[k] * factor
+                                                 for k in ("latency", "energy", "load")}}
+            policy = dataclasses.replace(main_policy, weights=weights)
+            r = run_calm(make_calm(policy, store, fresh_kb(f"sweep-{factor}")), items, rule,
+                         progress(f"weight sweep: cost weights x{factor}"))
+            sweep.append({**r.summary(goals), "name": f"calm ({main_policy.name}, cost weights x{factor})",
+                          "factor": factor})
         if scenarios.shift:
             half = len(items) // 2
             for adaptive in (True, False):
@@ -343,4 +353,4 @@ def run(policies: list[Policy], store: Store, kb_source: Path, precision: str, i
                                                            "quality")}
                 out[discipline]["queue_ms_mean"] = round(float(np.mean([q.queue_ms for q in r.results])), 1)
             scenario_out["arrival"] = {"rate_per_s": scenarios.arrival, **out}
-    return {"systems": [s.summary(goals) for s in systems], "scenarios": scenario_out}
+    return {"systems": [s.summary(goals) for s in systems], "scenarios": scenario_out, "sweep": sweep}
