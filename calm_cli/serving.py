@@ -55,13 +55,14 @@ def parse_line(raw: bytes, index: int) -> Job:
     return Job(index, data, None, now)
 
 
-def handle(calm: Calm, job: Job) -> dict:
+def handle(calm: Calm, job: Job, queue: RequestQueue | None = None) -> dict:
     """The record for one job; nothing raised escapes (an internal failure is an error record)."""
     if job.record is not None:
         return job.record
     request = job.request
     if request.get("type") == "stats":
-        return {"id": request["id"], "type": "stats", **calm.stats()}
+        waiting = {"discipline": calm.policy.queue["discipline"], "waiting": len(queue) if queue else 0}
+        return {"id": request["id"], "type": "stats", **calm.stats(), "queue": waiting}
     queue_ms = (time.perf_counter() - job.arrived) * 1000
     try:
         return calm.answer(request, queue_ms=queue_ms)
@@ -106,7 +107,7 @@ def run_batch(calm: Calm, source: IO[bytes], out_path: str | None, out: IO[str],
     finished: dict[int, dict] = {}
     next_index, ok, failed = done, 0, 0
     for job in queue:
-        finished[job.index] = handle(calm, job)
+        finished[job.index] = handle(calm, job, queue)
         while next_index in finished:  # write in input order as soon as the prefix is complete
             record = finished.pop(next_index)
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -167,7 +168,7 @@ def serve(calm: Calm, source: IO[bytes], out: IO[str]) -> int:
             if stopping.is_set():
                 refuse(job)
             else:
-                emit(handle(calm, job))
+                emit(handle(calm, job, queue))
             answered += 1
         thread.join(timeout=0.5)  # a line the reader held when the queue closed still gets its record
         for job in late:
