@@ -277,5 +277,16 @@ class Calm:
             "metrics": metrics,
         }
 
+    def prefetch(self) -> list[str]:
+        """Warm the fleet in policy order where the policy allows it and each fits without evicting."""
+        loaded = []
+        for member in self.policy.fleet:
+            try:
+                if self.cache.prefetch(member.model):
+                    loaded.append(member.model)
+            except Unavailable as exc:
+                self.log(f"prefetch skipped {member.model}: {exc}")
+        return loaded
+
     def stats(self) -> dict:
         return {"policy": self.policy.name, "cache": self.cache.state(), "precision": self.precision}

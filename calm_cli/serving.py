@@ -156,6 +156,7 @@ def serve(calm: Calm, source: IO[bytes], out: IO[str]) -> int:
         queue.close()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    calm.prefetch()  # a long-lived process: warm what fits before the first request arrives
     thread = threading.Thread(target=reader, name="calm-stdin", daemon=True)
     thread.start()
     answered = 0

@@ -105,6 +105,7 @@ def test_serve_stdin_round_trip_and_clean_eof(env: dict) -> None:
     assert records[0]["answer"].strip() and records[0]["model"] == "smollm2-135m"
     assert records[1]["cache"]["loaded"][0]["model"] == "smollm2-135m"
     assert records[1]["queue"]["discipline"] == "fifo" and records[1]["queue"]["waiting"] >= 0
+    assert records[0]["metrics"]["cache_hit"] is True  # prefetched at start: the policy allows it and it fits
     assert records[2]["metrics"]["cache_hit"] is True  # the session stayed warm between requests
 
 
