@@ -1,7 +1,9 @@
 """Energy and memory of each generation: NVML where an NVIDIA GPU is, an honest estimate elsewhere.
 
-On a GPU, energy is the delta of NVML's total-energy counter (mJ since driver load) and memory is what
-NVML reports used on the device. Without NVML there is no energy counter here (no RAPL), so energy is
+On a GPU, energy is the delta of NVML's total-energy counter (mJ since driver load): the whole device's,
+idle draw included (about 90 W on an H100), so it is real but not the work's own share; memory is NVML's
+figure for this process. NVML numbers GPUs physically and ignores CUDA_VISIBLE_DEVICES: CALM_DEVICE_ID must
+name the same GPU in both numberings (it does unless CUDA_VISIBLE_DEVICES reorders them). Without NVML there is no energy counter here (no RAPL), so energy is
 process CPU-seconds x watts per core (setting CALM_WATTS_PER_CORE) and every record says it is estimated;
 memory is the resident-set size of this process.
 """
@@ -64,7 +66,14 @@ class EnergyMeter:
         return Reading(delta * self.watts_per_core, True, now - self.begin[1])
 
     def memory_mb(self) -> float:
-        """Device memory in use on a GPU; this process's resident set on CPU."""
-        if self.handle is not None:
-            return pynvml.nvmlDeviceGetMemoryInfo(self.handle).used / 2**20
-        return rss_mb()
+        """This process's memory on the GPU (NVML's per-process figure); its resident set on CPU.
+
+        Where NVML cannot see our pid (a PID namespace), the device's used memory is the honest upper bound.
+        """
+        if self.handle is None:
+            return rss_mb()
+        mine = [p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
+                if p.pid == os.getpid() and p.usedGpuMemory is not None]
+        if mine:
+            return sum(mine) / 2**20
+        return pynvml.nvmlDeviceGetMemoryInfo(self.handle).used / 2**20
