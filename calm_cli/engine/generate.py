@@ -1,7 +1,10 @@
 """Generation and scoring over an exported decoder: onnxruntime + numpy + tokenizers, no torch.
 
-The graph Optimum exports takes the whole past KV cache in and returns a longer `present` cache each step;
-this loop feeds the cache back by name.
+Two graphs can serve (see session.decoder_graph). Optimum's plain graph takes the whole past KV cache in and
+returns a longer `present` each step; the loop keeps those as onnxruntime values bound to the next step
+(IOBinding), so on CUDA the cache never leaves the GPU. The fused graph (fleet/fuse.py, CPU) updates fixed
+KV buffers in place: one allocation per request, nothing copied or grown per token, logits only for the
+positions asked for.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+import onnxruntime as ort
 from tokenizers.decoders import DecodeStream
 
 from calm_cli.engine.meters import EnergyMeter, rss_mb
 from calm_cli.engine.sampling import Sampler, Sampling, log_softmax
-from calm_cli.engine.session import open_session, provider_of
+from calm_cli.engine.session import decoder_graph, open_session, provider_of
 from calm_cli.fleet.gguf_tokenizer import GGUFTokenizer, load_tokenizer
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -31,6 +35,12 @@ class PromptError(ValueError):
 class Step:
     token: int
     logprob: float  # log p(token) under the model (temperature 1), whatever the sampling
+
+
+def _logprob(logits: np.ndarray, token: int) -> float:
+    """log softmax(logits)[token]: float32 exponentials summed in float64, 4x cheaper than a full log_softmax."""
+    top = logits.max()
+    return float(logits[token] - top) - float(np.log(np.exp(logits - top).sum(dtype=np.float64)))
 
 
 @dataclass
@@ -65,6 +75,89 @@ class Completion:
         }
 
 
+class _Cache:
+    """A request's KV cache and the binding of the session's inputs and outputs to it."""
+
+    def __init__(self, decoder: Decoder):
+        self.decoder = decoder
+        self.io = decoder.session.io_binding()
+
+    def _run(self, arrays: dict[str, np.ndarray]) -> list[ort.OrtValue]:
+        """Bind host arrays as inputs and run; binding and run share one call so the arrays outlive the run."""
+        for name, array in arrays.items():
+            self.io.bind_cpu_input(name, array)
+        self.decoder.session.run_with_iobinding(self.io)
+        return self.io.get_outputs()
+
+
+class _GrowingCache(_Cache):
+    """Optimum's graph: the past goes in whole and comes back one step longer, kept as onnxruntime values.
+
+    Rows are left-padded and masked. Outputs stay where the provider put them (the GPU under CUDA) and are
+    bound as the next step's past; only the logits come back to the host.
+    """
+
+    def __init__(self, decoder: Decoder, batch: int):
+        super().__init__(decoder)
+        self.batch = batch
+        self.mask: np.ndarray | None = None
+        self.device = "cuda" if decoder.provider == "CUDAExecutionProvider" else "cpu"
+
+    def feed(self, rows: list[list[int]]) -> np.ndarray:
+        """Append each row's tokens (several on the first call, one after); logits at each row's last: [B, V]."""
+        d = self.decoder
+        if self.mask is None:
+            width = max(map(len, rows))
+            pad = d.tokenizer.pad_id or 0
+            ids = np.asarray([[pad] * (width - len(r)) + r for r in rows], dtype=np.int64)
+            self.mask = np.asarray([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=np.int64)
+            feed = d._empty_cache(self.batch)
+        else:
+            ids = np.asarray(rows, dtype=np.int64)
+            self.mask = np.concatenate([self.mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
+            feed = {}
+        feed.update(input_ids=ids, attention_mask=self.mask)
+        if d.uses_position_ids:
+            feed["position_ids"] = np.clip(np.cumsum(self.mask, axis=1) - 1, 0, None)[:, -ids.shape[1]:].copy()
+        self.io.bind_output("logits")  # rebound each step: a filled output would be reused as a fixed buffer
+        for name in d.present_names:
+            self.io.bind_output(name, self.device, d.device_id)
+        logits, *presents = self._run(feed)
+        for name, value in zip(d.past_names, presents):
+            self.io.bind_ortvalue_input(name, value)
+        return logits.numpy()[:, -1]
+
+
+class _SharedCache(_Cache):
+    """The fused graph: KV buffers of a fixed capacity that GroupQueryAttention updates in place.
+
+    Each buffer is bound as both `past` and `present`, so a step writes only its new positions. Rows are
+    right-padded; `seqlens_k` tells the kernel each row's length, and only each row's last logits are made.
+    """
+
+    def __init__(self, decoder: Decoder, batch: int, capacity: int):
+        super().__init__(decoder)
+        self.io.bind_output("logits")  # first, so that it is output 0
+        heads, head_dim = decoder.cache_shape
+        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, heads, capacity, head_dim),
+                                                                  decoder.cache_type)) for _ in decoder.past_names]
+        for past, present, buffer in zip(decoder.past_names, decoder.present_names, self.buffers):
+            self.io.bind_ortvalue_input(past, buffer)
+            self.io.bind_ortvalue_output(present, buffer)
+        self.lengths = np.zeros(batch, dtype=np.int64)
+
+    def feed(self, rows: list[list[int]]) -> np.ndarray:
+        """Append each row's tokens (several on the first call, one after); logits at each row's last: [B, V]."""
+        width = max(map(len, rows))
+        counts = np.asarray([len(r) for r in rows], dtype=np.int64)
+        self.lengths += counts
+        self.io.bind_output("logits")  # rebound each step: its shape follows the batch
+        return self._run({"input_ids": np.asarray([r + [0] * (width - len(r)) for r in rows], dtype=np.int64),
+                          "seqlens_k": (self.lengths - 1).astype(np.int32),
+                          "total_sequence_length": np.asarray(self.lengths.max(), dtype=np.int32),
+                          "logits_index": np.arange(len(rows), dtype=np.int64) * width + counts - 1})[0].numpy()
+
+
 @dataclass
 class Decoder:
     """One loaded decoder model: its session, tokenizer, cache layout and load-time footprint."""
@@ -74,8 +167,9 @@ class Decoder:
 
     def __post_init__(self) -> None:
         started, before = time.perf_counter(), rss_mb()
-        self.session = open_session(self.directory / "model.onnx")
+        self.session = open_session(decoder_graph(self.directory))
         self.provider = provider_of(self.session)
+        self.device_id = int(self.session.get_provider_options().get(self.provider, {}).get("device_id", 0))
         self.meter = EnergyMeter(on_gpu=self.provider == "CUDAExecutionProvider")
         self.load_ms = (time.perf_counter() - started) * 1000
         self.memory_mb = rss_mb() - before if self.meter.handle is None else self.meter.memory_mb()
@@ -84,11 +178,13 @@ class Decoder:
         self.context = int(config.get("max_position_embeddings") or 2048)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         _, heads, _, head_dim = inputs[self.past_names[0]].shape
         self.cache_shape = (int(heads), int(head_dim))
         self.cache_type = _NP_TYPES[inputs[self.past_names[0]].type]
+        self.fused = "seqlens_k" in inputs
         self.uses_position_ids = "position_ids" in inputs
-        self.output_names = ["logits", *(n.replace("past_key_values.", "present.") for n in self.past_names)]
+        self.output_names = ["logits", *self.present_names]
 
     def encode(self, prompt: str) -> list[int]:
         try:
@@ -106,11 +202,30 @@ class Decoder:
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
                  past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        feed = {"input_ids": ids, "attention_mask": mask, **past}
-        if self.uses_position_ids:
-            feed["position_ids"] = positions
+        """One step with a growing past (numpy in and out): logits for every new position [B, S, V].
+
+        The fused graph takes no padding here (its kernel reads each row's length, not a mask): every row
+        must be as long as the mask.
+        """
+        feed = {"input_ids": ids, **past}
+        if self.fused:
+            if not mask.all():
+                raise ValueError("the fused graph takes no padding in _forward")
+            batch, new = ids.shape
+            total = mask.shape[1]
+            feed.update(seqlens_k=np.full(batch, total - 1, dtype=np.int32),
+                        total_sequence_length=np.asarray(total, dtype=np.int32),
+                        logits_index=np.arange(batch * new, dtype=np.int64))
+        else:
+            feed["attention_mask"] = mask
+            if self.uses_position_ids:
+                feed["position_ids"] = positions
         logits, *presents = self.session.run(self.output_names, feed)
-        return logits, dict(zip(self.past_names, presents))
+        return logits.reshape(ids.shape[0], ids.shape[1], -1), dict(zip(self.past_names, presents))
+
+    def _cache(self, batch: int, capacity: int) -> _GrowingCache | _SharedCache:
+        """A per-request KV cache for `capacity` tokens per row."""
+        return _SharedCache(self, batch, capacity) if self.fused else _GrowingCache(self, batch)
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """Next-token logits after every position of `ids` in one pass: [len(ids), vocab]."""
@@ -147,20 +262,15 @@ class Decoder:
         prompt_ids = self.fit(prompt_ids, max_new_tokens, truncate)
         sampler = Sampler(sampling)
         stops = set(self.tokenizer.stop_ids) if stop_at_eos else set()
-        past = self._empty_cache(1)
-        step_ids = np.asarray([prompt_ids], dtype=np.int64)
-        seen = 0
+        cache = self._cache(1, len(prompt_ids) + max_new_tokens)
+        step = prompt_ids
         for _ in range(max_new_tokens):
-            total = seen + step_ids.shape[1]
-            logits, past = self._forward(step_ids, np.ones((1, total), dtype=np.int64),
-                                         np.arange(seen, total, dtype=np.int64)[None, :], past)
-            last = logits[0, -1]
+            last = cache.feed([step])[0]
             token = sampler.choose(last)
             if token in stops:
                 return
-            yield Step(token, float(log_softmax(last)[token]))
-            seen = total
-            step_ids = np.asarray([[token]], dtype=np.int64)
+            yield Step(token, _logprob(last, token))
+            step = [token]
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> Iterator[int]:
         return (step.token for step in self.generate(prompt_ids, max_new_tokens))
@@ -171,19 +281,14 @@ class Decoder:
             raise PromptError("every prompt of a batch must be non-empty")
         for p in prompts:
             self.fit(p, max_new_tokens, truncate=False)
-        width = max(map(len, prompts))
-        pad = self.tokenizer.pad_id or 0
-        ids = np.asarray([[pad] * (width - len(p)) + p for p in prompts], dtype=np.int64)
-        mask = np.asarray([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=np.int64)
         stops = set(self.tokenizer.stop_ids)
+        pad = self.tokenizer.pad_id or 0
         out: list[list[int]] = [[] for _ in prompts]
         done = np.zeros(len(prompts), dtype=bool)
-        past = self._empty_cache(len(prompts))
-        step_ids = ids
+        cache = self._cache(len(prompts), max(map(len, prompts)) + max_new_tokens)
+        rows = prompts
         for _ in range(max_new_tokens):
-            positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, -step_ids.shape[1]:]
-            logits, past = self._forward(step_ids, mask, positions, past)
-            tokens = logits[:, -1].argmax(-1)
+            tokens = cache.feed(rows).argmax(-1)
             for row, token in enumerate(tokens.tolist()):
                 if not done[row]:
                     if token in stops:
@@ -192,8 +297,7 @@ class Decoder:
                         out[row].append(token)
             if done.all():
                 break
-            step_ids = np.where(done, pad, tokens)[:, None].astype(np.int64)
-            mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
+            rows = [[pad if d else t] for d, t in zip(done.tolist(), tokens.tolist())]
         return out
 
     def complete(self, prompt: str, max_new_tokens: int, sampling: Sampling = Sampling(),

@@ -43,6 +43,22 @@ def session_options() -> ort.SessionOptions:
     return options
 
 
+FUSED_GRAPH = "model.fused.onnx"  # written by calm_cli.fleet.fuse next to Optimum's model.onnx
+
+
+def decoder_graph(directory: Path) -> Path:
+    """The decoder graph to serve from an export directory.
+
+    The fused graph (GroupQueryAttention, KV cache updated in place) where the export has one and the CPU
+    provider will run it: onnxruntime's CUDA GroupQueryAttention has no float32 kernel, so under CUDA
+    Optimum's plain graph serves, its cache kept on the device by the caller.
+    """
+    fused = directory / FUSED_GRAPH
+    if fused.is_file() and requested_providers()[0] == "CPUExecutionProvider":
+        return fused
+    return directory / "model.onnx"
+
+
 def open_session(model: Path) -> ort.InferenceSession:
     """A session on the best provider; check `provider_of(session)` for what was granted."""
     session = ort.InferenceSession(str(model), sess_options=session_options(), providers=requested_providers())

@@ -71,6 +71,14 @@ def export_decoder(spec: ModelSpec, source: Path, out: Path, precision: str, wor
             for name in ("config.json", "generation_config.json"):
                 if (fp32_dir / name).is_file():
                     shutil.copy2(fp32_dir / name, out / name)
+    from calm_cli.fleet import fuse
+
+    try:  # the compact CPU graph beside Optimum's (fuse.py); a model it cannot take keeps the plain one only
+        fuse.fuse_export(out)
+        report["fused"] = True
+    except fuse.Unsupported as exc:
+        _log(f"{spec.name}: no fused graph ({exc})")
+        report["fused"] = False
     gguf_tokenizer.build_tokenizer(gguf).save(out)
     return report
 
