@@ -96,11 +96,13 @@ class Calm:
     # ------------------------------------------------------------------ models and the cache
 
     def _export_dir(self, name: str, encoder: bool = False) -> Path:
+        """A member's export at the served precision; the encoder's int8 export (fp32 if that is all there is)."""
         exports = self.store.exports(name)
-        wanted = "int8" if encoder and self.precision == "int4" else self.precision
-        if wanted not in exports:
-            raise Unavailable(f"{name} has no {wanted} export: run `calm models export {name}`")
-        return exports[wanted]
+        for wanted in (["int8", "fp32"] if encoder else [self.precision]):
+            if wanted in exports:
+                return exports[wanted]
+        raise Unavailable(f"{name} has no {'int8' if encoder else self.precision} export: "
+                          f"run `calm models export {name}`")
 
     def _load(self, name: str) -> Decoder:
         return Decoder(self._export_dir(name))

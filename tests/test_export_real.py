@@ -33,8 +33,8 @@ def _copy_source(source_dir: Callable[[str], Path], home: Path, name: str) -> Pa
 def smollm2(fleet_store: Store, source_dir) -> dict[str, Path]:
     """SmolLM2 exported at both precisions through the real CLI."""
     source_dir("smollm2-135m")
-    for precision in ("fp32", "int4"):
-        result = CliRunner().invoke(main, ["models", "export", "smollm2-135m", "--precision", precision])
+    for args in (["smollm2-135m", "--precision", "fp32"], ["smollm2-135m", "--precision", "int4"], ["minilm-l6"]):
+        result = CliRunner().invoke(main, ["models", "export", *args])  # route needs the routing encoder too
         assert result.exit_code == 0, result.output
     return fleet_store.exports("smollm2-135m")
 
