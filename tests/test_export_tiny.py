@@ -16,46 +16,14 @@ import numpy as np  # noqa: E402
 from calm_cli.engine.generate import Decoder, PromptError  # noqa: E402
 from calm_cli.engine.sampling import Sampling  # noqa: E402
 from calm_cli.fleet.export_worker import _optimum_export  # noqa: E402
-from calm_cli.fleet.gguf_tokenizer import tokenizer_from_metadata  # noqa: E402
-
-VOCAB = 257  # 256 byte-level tokens + one end-of-turn control token
-EOS = 256
-
-
-def _byte_level_tokens() -> list[str]:
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    return sorted(ByteLevel.alphabet(), key=lambda ch: ch.encode())  # any fixed order of the 256 symbols
-
-
-def _tiny(arch: str):
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  eos_token_id=EOS, bos_token_id=EOS, pad_token_id=EOS)
-    if arch == "llama":
-        config = transformers.LlamaConfig(**common)
-    elif arch == "qwen2":
-        config = transformers.Qwen2Config(**common)
-    else:
-        config = transformers.Gemma3TextConfig(**common, head_dim=16, sliding_window=8, query_pre_attn_scalar=16)
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
-
+from tiny_models import EOS, save_tokenizer, tiny_model  # noqa: E402
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3"])
 def exported(request, tmp_path_factory):
-    model = _tiny(request.param)
+    model = tiny_model(request.param)
     out = tmp_path_factory.mktemp(request.param)
     _optimum_export(model, out, "text-generation-with-past")
-    meta = {
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "qwen2",
-        "tokenizer.ggml.tokens": [*_byte_level_tokens(), "<|im_end|>"],
-        "tokenizer.ggml.token_type": [1] * 256 + [3],
-        "tokenizer.ggml.merges": [],
-        "tokenizer.ggml.eos_token_id": EOS,
-    }
-    tokenizer_from_metadata(meta).save(out)
+    save_tokenizer(out)
     return model, Decoder(out)
 
 

@@ -23,11 +23,9 @@ from calm_cli.engine.generate import Decoder  # noqa: E402
 from calm_cli.engine.session import FUSED_GRAPH  # noqa: E402
 from calm_cli.fleet import fuse  # noqa: E402
 from calm_cli.fleet.export_worker import _optimum_export  # noqa: E402
-from calm_cli.fleet.gguf_tokenizer import tokenizer_from_metadata  # noqa: E402
 from calm_cli.fleet.int4 import quantize_from_gguf  # noqa: E402
+from tiny_models import EOS, save_tokenizer, tiny_model  # noqa: E402
 
-VOCAB = 257  # 256 byte-level tokens + one end-of-turn control token
-EOS = 256
 GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3"}
 # GGUF type per projection: q/k/v of layer 0 differ in format (three products), layer 1 concatenates them;
 # gate Q4_0 (default zero point, no mins) with up Q4_1 (zero points and mins) concatenate; 8-bit downs.
@@ -36,26 +34,6 @@ TYPES = {"q_proj": Q.Q4_1, "k_proj": Q.Q4_1, "o_proj": Q.Q4_0, "gate_proj": Q.Q4
 FP16_FIELDS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_1: (0, 2), Q.Q8_0: (0,)}
 GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
-
-
-def _byte_level_tokens() -> list[str]:
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    return sorted(ByteLevel.alphabet(), key=lambda ch: ch.encode())
-
-
-def _tiny(arch: str):
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  eos_token_id=EOS, bos_token_id=EOS, pad_token_id=EOS)
-    if arch == "llama":
-        config = transformers.LlamaConfig(**common)
-    elif arch == "qwen2":
-        config = transformers.Qwen2Config(**common)
-    else:  # a window of 8 on both layers, shorter than the longest prompt below
-        config = transformers.Gemma3TextConfig(**common, head_dim=16, sliding_window=8, query_pre_attn_scalar=16)
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
 def _random_blocks(rng: np.random.Generator, qtype: Q, rows: int, cols: int) -> np.ndarray:
@@ -98,22 +76,13 @@ def _quantize_into_gguf(model, arch: str, path: Path) -> None:
     writer.close()
 
 
-def _save_tokenizer(directory: Path) -> None:
-    tokenizer_from_metadata({
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2",
-        "tokenizer.ggml.tokens": [*_byte_level_tokens(), "<|im_end|>"],
-        "tokenizer.ggml.token_type": [1] * 256 + [3], "tokenizer.ggml.merges": [],
-        "tokenizer.ggml.eos_token_id": EOS,
-    }).save(directory)
-
-
 @pytest.fixture(scope="module", params=[(a, p) for p in ("fp32", "int4") for a in ("llama", "qwen2", "gemma3")],
                 ids=lambda p: f"{p[0]}-{p[1]}")
 def pair(request, tmp_path_factory) -> tuple[Decoder, Decoder]:
     """(plain, fused) decoders of one tiny model."""
     arch, precision = request.param
     root = tmp_path_factory.mktemp(f"{arch}-{precision}")
-    model = _tiny(arch)
+    model = tiny_model(arch)
     plain = root / "plain"
     if precision == "fp32":
         _optimum_export(model, plain, "text-generation-with-past")
@@ -123,7 +92,7 @@ def pair(request, tmp_path_factory) -> tuple[Decoder, Decoder]:
         # fp32 activations (accuracy level 0): the products are exact, so both graphs can be held to 1e-4
         quantize_from_gguf(root / "fp32" / "model.onnx", root / "tiny.gguf", plain / "model.onnx", accuracy_level=0)
         shutil.copy2(root / "fp32" / "config.json", plain / "config.json")
-    _save_tokenizer(plain)
+    save_tokenizer(plain)
     fused = root / "fused"
     shutil.copytree(plain, fused)
     fuse.fuse_export(fused)
