@@ -373,8 +373,6 @@ def policy_validate(files: tuple[str, ...]) -> None:
 @POLICY_OPTION
 def policy_show(policy_path: str | None) -> None:
     """Print the policy in effect (the embedded default unless --policy is given)."""
-    from calm_cli import policy
-
     loaded = _policy(policy_path)
     click.echo(f"# {loaded.source}")
     click.echo(Path(loaded.source).read_text(encoding="utf-8"), nl=False)

@@ -23,7 +23,7 @@ from calm_cli.execute import CacheError, CacheEvent, DecayedDemand, ModelCache
 from calm_cli.fleet import lock
 from calm_cli.fleet.store import Store
 from calm_cli.knowledge import KnowledgeBase
-from calm_cli.plan import Candidate, Decision, Planner, Prediction
+from calm_cli.plan import Decision, Planner, Prediction
 from calm_cli.policy import Member, Policy
 
 WINDOW = 20  # recent requests per model that Analyze looks at: short, so slowdowns move traffic quickly

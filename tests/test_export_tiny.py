@@ -3,7 +3,6 @@ calm's own loop must choose exactly the tokens transformers chooses."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

@@ -90,7 +90,6 @@ def build(tmp: Path, *, x_shape=("batch", "seq", HIDDEN), corrupt: str | None = 
     w.close()
 
     inits, nodes, outputs = [], [], []
-    feeds_dims = {"x": HIDDEN, "h": FFN, "s": 96}
     for i, (module, _, _, n, k, src) in enumerate(LAYOUT):
         wt = weights[module].T.copy()  # MatMul B is [K, N]
         if corrupt == module:

@@ -3,7 +3,6 @@ model, and entity facts to Gemma — by semantic fit alone, through the real enc
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
