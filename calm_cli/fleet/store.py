@@ -116,12 +116,17 @@ class Store:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
+    @staticmethod
+    def clear_stale(final: Path) -> None:
+        """Remove staging directories a killed run left beside `final`; the caller holds the model's lock."""
+        for stale in final.parent.glob(final.name + ".partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
     @contextlib.contextmanager
     def staged(self, final: Path) -> Iterator[Path]:
         """A fresh staging directory that replaces `final` only if the block completes and wrote a manifest."""
         final.parent.mkdir(parents=True, exist_ok=True)
-        for stale in final.parent.glob(final.name + ".partial-*"):
-            shutil.rmtree(stale, ignore_errors=True)  # left by a killed run; we hold the model's lock
+        self.clear_stale(final)
         stage = final.parent / f"{final.name}.partial-{os.getpid()}"
         stage.mkdir()
         try:
