@@ -39,6 +39,22 @@ def test_greedy_tokens_equal_transformers(exported) -> None:
         assert got == want, f"prompt length {length}"
 
 
+def test_greedy_tokens_equal_optimum_ortmodel(exported, tmp_path) -> None:
+    """Optimum's own runtime class on the same export is the reference an Optimum user would compare with."""
+    ort_models = pytest.importorskip("optimum.onnxruntime")
+    _, decoder = exported
+    reference = ort_models.ORTModelForCausalLM.from_pretrained(str(decoder.directory), use_cache=True,
+                                                               provider="CPUExecutionProvider")
+    generator = torch.Generator().manual_seed(3)
+    for length in (1, 6, 19):
+        prompt = torch.randint(0, EOS, (1, length), generator=generator)
+        want = reference.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                  max_new_tokens=20, eos_token_id=EOS, pad_token_id=EOS)[0, length:].tolist()
+        if EOS in want:
+            want = want[: want.index(EOS)]
+        assert list(decoder.greedy(prompt[0].tolist(), 20)) == want, f"prompt length {length}"
+
+
 def test_streamed_text_equals_decoded_tokens(exported) -> None:
     _, decoder = exported
     ids = decoder.encode("héllo, wörld ✓")
