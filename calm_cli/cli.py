@@ -537,7 +537,7 @@ def bench(ctx: click.Context, policy_paths: tuple[str, ...], task_names: list[st
               callback=_csv(str), show_default=True)
 @click.option("--systems", default="calm,llama.cpp,optimum,transformers", callback=_csv(str), show_default=True)
 @click.option("--precision", "precisions", default="int4,fp32", callback=_csv(str), show_default=True,
-              help="calm's precisions to measure.")
+              help="Precisions of the export that calm and Optimum run.")
 @click.option("--threads", default="1,2", callback=_csv(int), show_default=True)
 @click.option("--tokens", type=click.IntRange(2, 4096), default=128, show_default=True)
 @click.option("--repeats", type=click.IntRange(1, 100), default=3, show_default=True)
@@ -552,7 +552,7 @@ def bench_engine(models: list[str], systems: list[str], precisions: list[str], t
         _fail(f"unknown system(s): {', '.join(sorted(unknown))}", EXIT_USAGE)
     rows = engine.run(_specs(tuple(models)), _store(), systems, precisions, threads, tokens, repeats, _echo_err)
     headers = ["model", "system", "precision", "threads", "load_s", "ttft_ms", "decode_tok_s", "peak_rss_mb",
-               "vs_llama_cpp", "vs_llama_cpp_best"]
+               "vs_llama_cpp", "vs_llama_cpp_best", "vs_optimum"]
     click.echo(tabulate([[r[h] for h in headers] for r in rows], headers=headers))
     if json_path:
         Path(json_path).write_text(json.dumps({"tokens": tokens, "repeats": repeats, "rows": rows}, indent=2) + "\n")

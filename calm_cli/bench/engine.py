@@ -1,7 +1,8 @@
 """`calm bench engine`: calm's engine against llama.cpp, Optimum and transformers, side by side in one run.
 
 Each measurement runs in its own process (engine_worker.py); ratios are against llama.cpp at the same
-thread count, and at each system's best thread count.
+thread count and at its best thread count, and (for calm) against Optimum's ORTModel on the same export at the
+same thread count.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def run(specs: list[ModelSpec], store: Store, systems: list[str], precisions: li
         ids = load_tokenizer(any_export).encode(render(spec.prompt, PROMPT))
         for t in threads:
             for system in systems:
-                targets = ([(p, exports[p]) for p in precisions if p in exports] if system == "calm"
-                           else [("fp32", exports["fp32"])] if system == "optimum" and "fp32" in exports
+                # Optimum's ORTModel runs Optimum's graph (model.onnx) of the same export: int4 weights included.
+                targets = ([(p, exports[p]) for p in precisions if p in exports] if system in ("calm", "optimum")
                            else [("gguf", gguf)] if system in ("llama.cpp", "transformers") else [])
                 for precision, path in targets:
                     log(f"{spec.name}: {system} {precision}, {t} thread(s) ...")
@@ -68,6 +69,7 @@ def run(specs: list[ModelSpec], store: Store, systems: list[str], precisions: li
 
 def _add_ratios(rows: list[dict]) -> None:
     ref = {(r["model"], r["threads"]): r["decode_tok_s"] for r in rows if r["system"] == "llama.cpp"}
+    opt = {(r["model"], r["precision"], r["threads"]): r["decode_tok_s"] for r in rows if r["system"] == "optimum"}
     best_ref = {}
     for (model, _), rate in ref.items():
         best_ref[model] = max(best_ref.get(model, 0.0), rate)
@@ -75,3 +77,5 @@ def _add_ratios(rows: list[dict]) -> None:
         same = ref.get((r["model"], r["threads"]))
         r["vs_llama_cpp"] = round(r["decode_tok_s"] / same, 2) if same else None
         r["vs_llama_cpp_best"] = round(r["decode_tok_s"] / best_ref[r["model"]], 2) if r["model"] in best_ref else None
+        optimum = opt.get((r["model"], r["precision"], r["threads"]))
+        r["vs_optimum"] = round(r["decode_tok_s"] / optimum, 2) if optimum and r["system"] == "calm" else None
