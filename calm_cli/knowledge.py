@@ -85,6 +85,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (  # 3: the profile's mean answer confidence, so Analyze can see a model grow unsure (drift)
         "ALTER TABLE profiles ADD COLUMN confidence REAL",
     ),
+    (  # 4: each calibration answer's confidence, so escalation can learn what a confidence means per model
+        "ALTER TABLE calibration ADD COLUMN confidence REAL CHECK (confidence BETWEEN 0 AND 1)",
+    ),
 )
 TABLES = ("observations", "profiles", "calibration")
 
@@ -98,7 +101,7 @@ PROFILE_METRICS = ("load_ms", "ttft_ms", "tokens_per_s", "joules_per_token", "me
                    "confidence", "n_samples", "updated_at")
 CALIBRATION_REQUIRED = ("model", "task", "item_id", "score", "embedding")
 CALIBRATION_DEFAULTS: dict[str, Any] = {"domain": None, "latency_ms": None, "energy_j": None, "tokens_out": None,
-                                        "ts": None}
+                                        "confidence": None, "ts": None}
 _BOOLEANS = {"observations": ("energy_estimated", "cache_hit"), "profiles": ("energy_estimated",)}
 _EMBEDDING = np.dtype("<f4")  # fixed byte order so a file moves between machines
 
@@ -114,6 +117,7 @@ class CalibrationSet:
     embeddings: np.ndarray  # float32 [n_items, dim]
     items: list[tuple[str, str, str | None]]  # (task, item_id, domain), the row order of embeddings
     scores: dict[str, np.ndarray]  # model -> float64 [n_items], NaN where the model was not scored
+    confidence: dict[str, np.ndarray]  # model -> float64 [n_items], the answer's confidence; NaN where unknown
 
 
 def default_path() -> Path:
@@ -314,7 +318,7 @@ class KnowledgeBase:
 
         An item's embedding and domain are taken from its newest row; a model asked for without rows gets NaN.
         """
-        sql, args = "SELECT model, task, item_id, domain, score, embedding FROM calibration", []
+        sql, args = "SELECT model, task, item_id, domain, score, confidence, embedding FROM calibration", []
         if models is not None:
             sql += f" WHERE model IN ({', '.join('?' for _ in models)})"
             args = list(models)
@@ -329,17 +333,20 @@ class KnowledgeBase:
                 items.append(None)
                 vectors.append(None)
             items[i], vectors[i] = (*key, row["domain"]), row["embedding"]  # rows come oldest first: newest wins
-            scored.append((row["model"], i, row["score"]))
+            scored.append((row["model"], i, row["score"], row["confidence"]))
         dims = sorted({v.size for v in vectors})
         if len(dims) > 1:
             raise ValueError(f"{self.path}: calibration embeddings have different dimensions {dims}; "
                              "re-run calibration with one encoder")
         embeddings = np.stack(vectors) if vectors else np.zeros((0, 0), dtype=_EMBEDDING)
-        names = list(models) if models is not None else sorted({m for m, _, _ in scored})
+        names = list(models) if models is not None else sorted({m for m, *_ in scored})
         scores = {m: np.full(len(items), np.nan) for m in names}
-        for model, i, score in scored:
+        confidence = {m: np.full(len(items), np.nan) for m in names}
+        for model, i, score, conf in scored:
             scores[model][i] = score
-        return CalibrationSet(embeddings=embeddings.astype(np.float32, copy=False), items=items, scores=scores)
+            confidence[model][i] = np.nan if conf is None else conf
+        return CalibrationSet(embeddings=embeddings.astype(np.float32, copy=False), items=items, scores=scores,
+                              confidence=confidence)
 
     def domain_quality(self) -> dict[tuple[str, str | None], tuple[float, int]]:
         """(model, domain) -> (mean calibration score, number of items): the Analyze step's quality prior."""

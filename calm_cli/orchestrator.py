@@ -155,7 +155,13 @@ class Calm:
 
     def plan(self, query_vec: np.ndarray) -> Decision:
         predictions = {m.model: self.predict(m) for m in self.policy.fleet}
-        return self.planner.decide(query_vec, predictions, self.calibration)
+        decision = self.planner.decide(query_vec, predictions, self.calibration)
+        larger = self.policy.escalation_member
+        if larger is not None:
+            direct = self.planner.direct(query_vec, decision, self.calibration)
+            if direct.escalate:
+                return Decision(larger.model, decision.candidates, f"straight to {larger.model}: {direct.reason}")
+        return decision
 
     # ------------------------------------------------------------------ execute
 
@@ -220,8 +226,9 @@ class Calm:
         if first is None:
             raise ModelsFailed("; ".join(failures))
         runs = [first]
-        threshold = self.policy.escalation.get("confidence_threshold", 0.0)
-        if may_escalate and first.model != esc.model and first.confidence < threshold:
+        escalation = (self.planner.escalation(query_vec, first.model, first.confidence, self.calibration)
+                      if may_escalate and first.model != esc.model else None)
+        if escalation is not None and escalation.escalate:
             try:
                 runs.append(self._execute(esc, work, stream))
             except (CacheError, Unavailable, RuntimeError, MemoryError) as exc:
@@ -232,7 +239,7 @@ class Calm:
                 escalated_from=first.model if i else None, slowdown=self.slowdown.get(run.model, 1.0)))
         reason = decision.reason
         if len(runs) > 1:
-            reason += f"; escalated to {esc.model}: confidence {first.confidence:.2f} < {threshold}"
+            reason += f"; escalated to {esc.model}: {escalation.reason}"
         return Served(decision, runs, reason, fallback_from, routing_ms, (time.perf_counter() - started) * 1000,
                       streamed=stream and (runs[-1] is not first or not may_escalate or first.model == esc.model))
 

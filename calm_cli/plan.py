@@ -7,6 +7,11 @@ score = w_semantic x semantic fit + w_quality x learned quality
 Semantic fit is the query embedding's cosine to the member's description and examples (the better of
 the two). Learned quality is a similarity-weighted mean of the member's scores on the calibration items
 nearest to the query (`calm profile` fills them in the knowledge base). Every term is kept per candidate.
+
+Escalation is planned from the same calibration: a small member's raw confidence means different things per
+model and per kind of query, so the decision compares the larger member's expected quality for queries like
+this one with the probability that the first answer is right given the confidence it came with
+(`calibrated_correctness`). Where calibration is missing, the policy's raw confidence threshold decides.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from calm_cli.policy import Member, Policy
 KNN = 16  # calibration items that vote on a query's expected quality
 DEFAULT_SCALE_MS = 1000.0  # normaliser for latency and load terms when the policy sets no latency goal
 DEFAULT_SCALE_J = 10.0  # normaliser for the energy term when the policy sets no energy goal
+CONFIDENCE_BANDWIDTH = 0.15  # how close in confidence a calibration answer must be to speak for a new one
+PRIOR_WEIGHT = 0.5  # pull toward the member's local quality when few near answers had a similar confidence
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,35 @@ def knn_quality(query: np.ndarray, embeddings: np.ndarray, scores: np.ndarray, k
     top = np.argsort(-sims)[:k]
     weights = np.clip(sims[top], 1e-3, None)
     return float((weights * scores[have][top]).sum() / weights.sum())
+
+
+def calibrated_correctness(query: np.ndarray, embeddings: np.ndarray, scores: np.ndarray,
+                           confidences: np.ndarray, confidence: float, k: int = 2 * KNN) -> float | None:
+    """P(answer right | a query like this, answered with this confidence), from the member's calibration.
+
+    A kernel-weighted mean over the k nearest items it answered: weight = query similarity x a Gaussian in
+    confidence distance, shrunk toward its plain nearest-neighbour quality so a lone neighbour cannot decide.
+    """
+    have = ~np.isnan(scores) & ~np.isnan(confidences)
+    if not have.any():
+        return None
+    sims = embeddings[have] @ query
+    top = np.argsort(-sims)[:k]
+    near = np.clip(sims[top], 1e-3, None)
+    s = scores[have][top]
+    prior = float((near * s).sum() / near.sum())
+    w = near * np.exp(-0.5 * ((confidences[have][top] - confidence) / CONFIDENCE_BANDWIDTH) ** 2)
+    return float(((w * s).sum() + PRIOR_WEIGHT * prior) / (w.sum() + PRIOR_WEIGHT))
+
+
+@dataclass(frozen=True)
+class Escalation:
+    """Whether to hand a query to the policy's larger member, and the figures that decided it."""
+
+    escalate: bool
+    reason: str
+    expected_first: float | None = None  # P(first answer right | its confidence), when calibrated
+    expected_larger: float | None = None  # the larger member's expected quality for the query
 
 
 class Planner:
@@ -121,6 +157,42 @@ class Planner:
             if filtered:
                 reason += f"; filtered: {', '.join(filtered)}"
         return Decision(best.model, candidates, reason)
+
+    def _larger_quality(self, query: np.ndarray, calibration) -> float | None:
+        larger = self.policy.escalation_member
+        if larger is None or calibration is None or larger.model not in calibration.scores \
+                or not len(calibration.embeddings):
+            return None
+        return knn_quality(query, calibration.embeddings, calibration.scores[larger.model])
+
+    def direct(self, query: np.ndarray, decision: Decision, calibration=None) -> Escalation:
+        """Send the query straight to the larger member when its expected quality beats the chosen member's by
+        the policy's `direct_gain`: escalating after a small member's likely-wrong try costs both runs."""
+        esc = self.policy.escalation
+        chosen = next((c for c in decision.candidates if c.model == decision.model), None)
+        larger = self._larger_quality(query, calibration)
+        if "direct_gain" not in esc or chosen is None or chosen.quality is None or larger is None:
+            return Escalation(False, "no direct route")
+        gain = larger - chosen.quality
+        return Escalation(gain >= esc["direct_gain"],
+                          f"expected quality {larger:.2f} vs {chosen.quality:.2f} on {decision.model} "
+                          f"(direct_gain {esc['direct_gain']})", chosen.quality, larger)
+
+    def escalation(self, query: np.ndarray, first_model: str, confidence: float, calibration=None) -> Escalation:
+        """Escalate when the larger member is expected to be right more often than this answer by `min_gain`;
+        without calibration for both, when the raw confidence is below `confidence_threshold`."""
+        esc = self.policy.escalation
+        larger = self._larger_quality(query, calibration)
+        first = None
+        if larger is not None and first_model in calibration.scores and first_model in calibration.confidence:
+            first = calibrated_correctness(query, calibration.embeddings, calibration.scores[first_model],
+                                           calibration.confidence[first_model], confidence)
+        if "min_gain" in esc and first is not None and larger is not None:
+            return Escalation(larger - first >= esc["min_gain"],
+                              f"expected quality {larger:.2f} vs {first:.2f} for {first_model}'s answer at "
+                              f"confidence {confidence:.2f} (min_gain {esc['min_gain']})", first, larger)
+        threshold = esc.get("confidence_threshold", 0.0)
+        return Escalation(confidence < threshold, f"confidence {confidence:.2f} vs threshold {threshold}")
 
     def _violation(self, c: Candidate, p: Prediction) -> str | None:
         goals = self.policy.goals

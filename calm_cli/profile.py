@@ -66,7 +66,8 @@ def profile_model(spec: ModelSpec, export_dir, items: list[tasks.Item], embeddin
         outcome = evaluate.evaluate_item(decoder, spec, item)
         rows.append({"model": spec.name, "task": item.task, "item_id": item.item_id, "domain": item.domain,
                      "score": outcome.score, "latency_ms": outcome.latency_ms, "energy_j": outcome.energy_j,
-                     "tokens_out": outcome.tokens_out, "embedding": vec})
+                     "tokens_out": outcome.tokens_out, "confidence": min(max(outcome.confidence, 0.0), 1.0),
+                     "embedding": vec})
         confidences.append(outcome.confidence)
         step()
     kb.add_calibration(rows)

@@ -189,7 +189,8 @@ def test_calibration_matrix_has_nan_where_a_model_was_not_scored(kb: KnowledgeBa
     kb.add_calibration([
         cal("a", "gsm8k", "2", 1.0, [0.0, 1.0, 0.0], domain="math"),
         cal("a", "gsm8k", "1", 0.0, [1.0, 0.0, 0.0], domain="math"),
-        cal("b", "gsm8k", "1", 1.0, [1.0, 0.0, 0.0], domain="math", latency_ms=50.0, energy_j=2.0, tokens_out=9),
+        cal("b", "gsm8k", "1", 1.0, [1.0, 0.0, 0.0], domain="math", latency_ms=50.0, energy_j=2.0, tokens_out=9,
+            confidence=0.8),
         cal("b", "mbpp", 7, 0.5, [0.0, 0.0, 1.0], domain="code"),
     ])
     cs = kb.calibration()
@@ -199,6 +200,7 @@ def test_calibration_matrix_has_nan_where_a_model_was_not_scored(kb: KnowledgeBa
     assert set(cs.scores) == {"a", "b"}
     np.testing.assert_array_equal(cs.scores["a"], [0.0, 1.0, np.nan])
     np.testing.assert_array_equal(cs.scores["b"], [1.0, np.nan, 0.5])
+    np.testing.assert_array_equal(cs.confidence["b"], [0.8, np.nan, np.nan])  # unknown confidence is NaN
 
     only_a = kb.calibration(["a", "never-scored"])
     assert only_a.items == [("gsm8k", "1", "math"), ("gsm8k", "2", "math")]
@@ -220,6 +222,8 @@ def test_calibration_rejects_bad_rows(kb: KnowledgeBase) -> None:
         kb.add_calibration([cal("a", "t", "1", 1.0, [[1.0, 2.0]])])
     with pytest.raises(sqlite3.IntegrityError):
         kb.add_calibration([cal("a", "t", "1", 1.5, [1.0])])
+    with pytest.raises(sqlite3.IntegrityError):
+        kb.add_calibration([cal("a", "t", "1", 1.0, [1.0], confidence=1.2)])
     kb.add_calibration([cal("a", "t", "1", 1.0, [1.0, 2.0]), cal("a", "t", "2", 1.0, [1.0, 2.0, 3.0])])
     with pytest.raises(ValueError, match="different dimensions \\[2, 3\\]"):
         kb.calibration()

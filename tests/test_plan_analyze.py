@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from calm_cli import analyze, policy
 from calm_cli.knowledge import CalibrationSet
-from calm_cli.plan import Planner, Prediction, knn_quality
+from calm_cli.plan import Planner, Prediction, calibrated_correctness, knn_quality
 
 
 def _unit(v) -> np.ndarray:
@@ -75,7 +77,8 @@ def test_unknown_costs_never_filter(planner: Planner) -> None:
 def test_learned_quality_can_overrule_semantic_fit(planner: Planner) -> None:
     embeddings = np.vstack([_unit([0.2, 0.2, 1])] * 20)
     calibration = CalibrationSet(embeddings=embeddings, items=[("t", str(i), "code") for i in range(20)], scores={
-        "smollm2-135m": np.ones(20), "gemma3-270m": np.zeros(20), "qwen2.5-coder-0.5b": np.zeros(20)})
+        "smollm2-135m": np.ones(20), "gemma3-270m": np.zeros(20), "qwen2.5-coder-0.5b": np.zeros(20)},
+        confidence={})
     preds = {m: _pred() for m in ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b")}
     decision = planner.decide(_unit([0.2, 0.2, 1]), preds, calibration)
     assert decision.model == "smollm2-135m"
@@ -87,6 +90,65 @@ def test_knn_quality_weights_near_items_and_skips_gaps() -> None:
     scores = np.array([1.0, 0.0, np.nan])
     assert knn_quality(_unit([1, 0.05, 0]), emb, scores, k=2) > 0.9
     assert knn_quality(_unit([1, 0, 0]), emb, np.full(3, np.nan)) is None
+
+
+# Sixteen code-like calibration items: the 0.5B member is right exactly when it was confident (>= 0.7, 6 of
+# them); the larger member is right on 12.
+CODE_ITEMS = np.vstack([_unit([0.1, 0.1, 1])] * 16)
+SMALL_CONFIDENCE = np.linspace(0.3, 0.95, 16)
+CALIBRATED = CalibrationSet(
+    embeddings=CODE_ITEMS, items=[("t", str(i), "code") for i in range(16)],
+    scores={"qwen2.5-coder-0.5b": (SMALL_CONFIDENCE >= 0.7).astype(float), "smollm2-135m": np.zeros(16),
+            "gemma3-270m": np.zeros(16), "qwen2.5-coder-1.5b": np.array([1.0] * 12 + [0.0] * 4)},
+    confidence={"qwen2.5-coder-0.5b": SMALL_CONFIDENCE, "smollm2-135m": np.full(16, 0.5),
+                "gemma3-270m": np.full(16, 0.5), "qwen2.5-coder-1.5b": np.full(16, 0.7)})
+
+
+def _with_escalation(planner: Planner, **settings) -> Planner:
+    p = replace(planner.policy, escalation={**planner.policy.escalation, **settings})
+    return Planner(p, planner.members, _embed)
+
+
+def test_calibrated_correctness_follows_confidence_where_it_predicts_correctness() -> None:
+    q = _unit([0.1, 0.1, 1])
+    small = lambda c: calibrated_correctness(q, CODE_ITEMS, CALIBRATED.scores["qwen2.5-coder-0.5b"],  # noqa: E731
+                                             SMALL_CONFIDENCE, c)
+    assert small(0.9) > 0.75 and small(0.35) < 0.15
+    assert 0.2 < small(0.69) < 0.8  # between the wrong and the right answers: uncertain
+    assert calibrated_correctness(q, CODE_ITEMS, np.full(16, np.nan), SMALL_CONFIDENCE, 0.5) is None
+
+
+def test_escalation_compares_expected_quality_when_calibrated(planner: Planner) -> None:
+    gated = _with_escalation(planner, min_gain=0.1)
+    q = _unit([0.1, 0.1, 1])
+    unsure = gated.escalation(q, "qwen2.5-coder-0.5b", 0.4, CALIBRATED)
+    assert unsure.escalate and unsure.expected_larger == pytest.approx(0.75)
+    assert unsure.expected_first < 0.2 and "min_gain 0.1" in unsure.reason
+    sure = gated.escalation(q, "qwen2.5-coder-0.5b", 0.92, CALIBRATED)
+    assert not sure.escalate and sure.expected_first > 0.75
+
+
+def test_escalation_falls_back_to_the_raw_threshold(planner: Planner) -> None:
+    q = _unit([0.1, 0.1, 1])
+    threshold = planner.policy.escalation["confidence_threshold"]
+    gated = _with_escalation(planner, min_gain=0.1)
+    no_calibration = gated.escalation(q, "qwen2.5-coder-0.5b", threshold - 0.01)
+    assert no_calibration.escalate and no_calibration.expected_first is None and "threshold" in no_calibration.reason
+    ungated = _with_escalation(planner)  # no min_gain: the threshold decides even with calibration
+    ungated.policy.escalation.pop("min_gain", None)
+    assert not ungated.escalation(q, "qwen2.5-coder-0.5b", threshold + 0.01, CALIBRATED).escalate
+
+
+def test_direct_route_when_the_larger_member_is_far_better(planner: Planner) -> None:
+    preds = {m: _pred() for m in ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b")}
+    q = _unit([0.1, 0.1, 1])
+    decision = planner.decide(q, preds, CALIBRATED)
+    assert decision.model == "qwen2.5-coder-0.5b"  # 0.375 expected quality, the best small member
+    assert _with_escalation(planner, direct_gain=0.3).direct(q, decision, CALIBRATED).escalate  # 0.75 vs 0.375
+    assert not _with_escalation(planner, direct_gain=0.5).direct(q, decision, CALIBRATED).escalate
+    never = _with_escalation(planner)
+    never.policy.escalation.pop("direct_gain", None)
+    assert not never.direct(q, decision, CALIBRATED).escalate
 
 
 def _obs(latency, tokens=10, ttft=50.0, energy=2.0, confidence=0.8, error=None) -> dict:
