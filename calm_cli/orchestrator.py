@@ -206,8 +206,11 @@ class Calm:
         query_vec = self.encoder.embed([query])[0]
         decision = Decision(forced, [], "forced by the request") if forced else self.plan(query_vec)
         routing_ms = (time.perf_counter() - started) * 1000
-        order = [forced] if forced else [decision.model] + [
-            c.model for c in decision.candidates if c.model != decision.model and c.filtered_by is None]
+        # Fallbacks: members within the hard goals first, then the rest, since an answer that breaks a goal
+        # beats none (a direct route to the larger member falls back to the planner's own choice this way).
+        others = sorted((c for c in decision.candidates if c.model != decision.model),
+                        key=lambda c: c.filtered_by is not None)
+        order = [forced] if forced else [decision.model] + [c.model for c in others]
         esc = self.policy.escalation_member
         may_escalate = esc is not None and not forced
         first, fallback_from, failures = None, None, []
