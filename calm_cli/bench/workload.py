@@ -26,7 +26,7 @@ from calm_cli.fleet import lock
 from calm_cli.fleet.store import Store
 from calm_cli.knowledge import KnowledgeBase
 from calm_cli.execute import RequestQueue
-from calm_cli.orchestrator import Calm, Run
+from calm_cli.orchestrator import Calm, ModelsFailed, Run
 from calm_cli.policy import Member, Policy
 
 BASELINE = "qwen2.5-coder-1.5b"
@@ -44,6 +44,7 @@ class QueryResult:
     cache_hit: bool = True
     escalated: bool = False
     queue_ms: float = 0.0
+    failed: bool = False  # every member failed: scored 0, and counted in the summary's failures
 
 
 @dataclass
@@ -76,6 +77,7 @@ class SystemResult:
             "peak_memory_mb": round(self.peak_memory_mb, 1),
             "cache_hit_rate": round(float(np.mean([q.cache_hit for q in r])), 4),
             "escalation_rate": round(float(np.mean([q.escalated for q in r])), 4),
+            "failures": sum(q.failed for q in r),
             "models": models,
             "latency_goal_violations": int((latency > goals.get("latency_p95_ms", np.inf)).sum()),
             "energy_goal_violations": int((energy > goals.get("energy_j_per_query", np.inf)).sum()),
@@ -123,6 +125,23 @@ def run_alone(name: str, store: Store, precision: str, items: list[tasks.Item], 
     return SystemResult(f"{name} alone", results, max(decoder.memory_mb, weights), baseline=name == BASELINE)
 
 
+def serve_item(calm: Calm, item: tasks.Item, rule: str, i: int, forced: str | None = None,
+               queue_ms: float = 0.0) -> QueryResult:
+    """One benchmark item through the loop; a request whose every member failed is scored 0 and the run goes on."""
+    started = time.perf_counter()
+    try:
+        served = calm.serve(item.query, item_work(item, rule), request_id=f"bench-{i}", domain=item.domain,
+                            forced=forced, queue_ms=queue_ms)
+    except ModelsFailed as exc:
+        calm.log(f"bench: request {i} failed: {exc}")
+        return QueryResult(item, "none", 0.0, (time.perf_counter() - started) * 1000 + queue_ms, 0.0, False,
+                           cache_hit=False, queue_ms=queue_ms, failed=True)
+    final = served.runs[-1]
+    return QueryResult(item, final.model, final.payload.score, served.total_ms + queue_ms,
+                       sum(r.energy_j for r in served.runs), any(r.energy_estimated for r in served.runs),
+                       cache_hit=all(r.hit for r in served.runs), escalated=len(served.runs) > 1, queue_ms=queue_ms)
+
+
 def run_calm(calm: Calm, items: list[tasks.Item], rule: str, step: Callable[[int], None],
              forced: Callable[[int], str | None] = lambda i: None,
              before: Callable[[int], None] = lambda i: None) -> SystemResult:
@@ -130,14 +149,8 @@ def run_calm(calm: Calm, items: list[tasks.Item], rule: str, step: Callable[[int
     results, peak = [], 0.0
     for i, item in enumerate(items):
         before(i)
-        served = calm.serve(item.query, item_work(item, rule), request_id=f"bench-{i}", domain=item.domain,
-                            forced=forced(i))
-        final = served.runs[-1]
+        results.append(serve_item(calm, item, rule, i, forced=forced(i)))
         peak = max(peak, calm.cache.state()["used_mb"])
-        results.append(QueryResult(item, final.model, final.payload.score, served.total_ms,
-                                   sum(r.energy_j for r in served.runs),
-                                   any(r.energy_estimated for r in served.runs),
-                                   cache_hit=all(r.hit for r in served.runs), escalated=len(served.runs) > 1))
         step(i)
     return SystemResult(f"calm ({calm.policy.name})", results, peak)
 
@@ -219,14 +232,8 @@ def run_arrivals(calm: Calm, items: list[tasks.Item], rule: str, rate: float, se
         i = queue.get()
         waited = (time.perf_counter() - start - arrivals[i]) * 1000
         item = items[i]
-        served = calm.serve(item.query, item_work(item, rule), request_id=f"bench-{i}", domain=item.domain,
-                            queue_ms=waited)
-        final = served.runs[-1]
+        results[i] = serve_item(calm, item, rule, i, queue_ms=waited)
         peak = max(peak, calm.cache.state()["used_mb"])
-        results[i] = QueryResult(item, final.model, final.payload.score, served.total_ms + waited,
-                                 sum(r.energy_j for r in served.runs), any(r.energy_estimated for r in served.runs),
-                                 cache_hit=all(r.hit for r in served.runs), escalated=len(served.runs) > 1,
-                                 queue_ms=waited)
         served_n += 1
         step(served_n)
     name = f"calm ({calm.policy.name}, {calm.policy.queue['discipline']}, {rate}/s)"
