@@ -94,6 +94,9 @@ SETTINGS: dict[str, Setting] = {
         Setting("threads", "CALM_THREADS", lambda: "1",
                 "onnxruntime intra-op threads per session; 0 lets onnxruntime choose. One was fastest and "
                 "steadiest on a 2-core machine.", _positive_int),
+        Setting("spin", "CALM_SPIN", lambda: "0",
+                "1 lets onnxruntime's intra-op threads spin-wait between kernels: faster with more than one "
+                "thread on idle cores, wasteful where the cores are shared.", _choice("0", "1")),
         Setting("precision", "CALM_PRECISION", lambda: "int4",
                 "Precision served by default: int4 (the GGUF's own quantized blocks) or fp32.",
                 _choice("int4", "fp32")),

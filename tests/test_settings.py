@@ -46,9 +46,21 @@ def test_relative_xdg_is_ignored_as_the_spec_says(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.parametrize("env,value", [("CALM_THREADS", "two"), ("CALM_THREADS", "-1"),
-                                       ("CALM_PROVIDER", "tpu"), ("CALM_WATTS_PER_CORE", "x")])
+                                       ("CALM_PROVIDER", "tpu"), ("CALM_WATTS_PER_CORE", "x"),
+                                       ("CALM_SPIN", "yes")])
 def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, env: str, value: str) -> None:
     monkeypatch.setenv(env, value)
     name = env.removeprefix("CALM_").lower()
     with pytest.raises(settings.SettingError, match=env):
         settings.get(name)
+
+
+@pytest.mark.parametrize("spin", ["0", "1"])
+def test_spin_setting_reaches_the_session_options(monkeypatch: pytest.MonkeyPatch, spin: str) -> None:
+    from calm_cli.engine.session import session_options
+
+    monkeypatch.setenv("CALM_SPIN", spin)
+    monkeypatch.setenv("CALM_THREADS", "2")
+    options = session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == spin
+    assert options.intra_op_num_threads == 2

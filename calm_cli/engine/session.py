@@ -37,8 +37,7 @@ def session_options() -> ort.SessionOptions:
     options.intra_op_num_threads = int(settings.get("threads"))
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Spinning threads made timings erratic on a 2-core machine (FLEET.md).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", str(settings.get("spin")))
     options.log_severity_level = 3
     return options
 
