@@ -160,7 +160,9 @@ class Calm:
         if larger is not None:
             direct = self.planner.direct(query_vec, decision, self.calibration)
             if direct.escalate:
-                return Decision(larger.model, decision.candidates, f"straight to {larger.model}: {direct.reason}")
+                chosen = self.planner.larger_candidate(query_vec, self.predict(larger), direct.expected_larger)
+                return Decision(larger.model, [chosen, *decision.candidates],
+                                f"straight to {larger.model}: {direct.reason}")
         return decision
 
     # ------------------------------------------------------------------ execute

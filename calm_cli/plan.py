@@ -112,7 +112,9 @@ class Planner:
         self.policy = policy
         self.members = members
         self.vectors = {}
-        for m in members:
+        larger = policy.escalation_member
+        extra = [larger] if larger is not None and larger.model not in {m.model for m in members} else []
+        for m in [*members, *extra]:
             texts = [m.description, *m.examples]
             self.vectors[m.model] = embed(texts)
 
@@ -157,6 +159,12 @@ class Planner:
             if filtered:
                 reason += f"; filtered: {', '.join(filtered)}"
         return Decision(best.model, candidates, reason)
+
+    def larger_candidate(self, query: np.ndarray, prediction: Prediction, quality: float | None) -> Candidate:
+        """The larger member as a candidate of a direct route, so the record explains it like any other."""
+        larger = self.policy.escalation_member
+        return Candidate(larger.model, None, self.semantic(query)[larger.model], quality, prediction.latency_ms,
+                         prediction.energy_j, prediction.memory_mb, prediction.load_ms)
 
     def _larger_quality(self, query: np.ndarray, calibration) -> float | None:
         larger = self.policy.escalation_member

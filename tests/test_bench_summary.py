@@ -14,3 +14,14 @@ def test_failed_requests_score_zero_and_are_counted() -> None:
     assert summary["failures"] == 1 and summary["quality"] == 0.5 and summary["queries"] == 2
     assert summary["models"] == {"qwen2.5-coder-0.5b": 1, "none": 1}
     assert summary["energy_estimated"] and summary["latency_goal_violations"] == 1
+
+
+def test_a_failed_scenario_is_reported_in_place_and_the_run_goes_on() -> None:
+    from calm_cli.bench.workload import _scenario
+
+    out: dict = {"shift": {"adaptive": {"quality": 0.5}}}
+    logged: list[str] = []
+    with _scenario("arrival", out, logged.append):
+        raise StopIteration("no candidate for the chosen member")
+    assert out["arrival"] == {"error": "StopIteration: no candidate for the chosen member"}
+    assert out["shift"] == {"adaptive": {"quality": 0.5}} and "scenario arrival failed" in logged[0]

@@ -144,7 +144,11 @@ def test_direct_route_when_the_larger_member_is_far_better(planner: Planner) -> 
     q = _unit([0.1, 0.1, 1])
     decision = planner.decide(q, preds, CALIBRATED)
     assert decision.model == "qwen2.5-coder-0.5b"  # 0.375 expected quality, the best small member
-    assert _with_escalation(planner, direct_gain=0.3).direct(q, decision, CALIBRATED).escalate  # 0.75 vs 0.375
+    direct = _with_escalation(planner, direct_gain=0.3).direct(q, decision, CALIBRATED)
+    assert direct.escalate and direct.expected_larger == pytest.approx(0.75)  # 0.75 vs 0.375
+    shown = planner.larger_candidate(q, _pred(latency=900.0), direct.expected_larger)
+    assert shown.model == "qwen2.5-coder-1.5b" and shown.score is None and shown.latency_ms == 900.0
+    assert shown.semantic == pytest.approx(planner.semantic(q)["qwen2.5-coder-1.5b"])
     assert not _with_escalation(planner, direct_gain=0.5).direct(q, decision, CALIBRATED).escalate
     never = _with_escalation(planner)
     never.policy.escalation.pop("direct_gain", None)

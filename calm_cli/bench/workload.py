@@ -9,6 +9,7 @@ there is used and nothing the benchmark does stays behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import sqlite3
@@ -16,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -192,6 +193,16 @@ def traffic_moved_after(results: list[QueryResult], model: str, at: int, window:
     return None
 
 
+@contextlib.contextmanager
+def _scenario(name: str, out: dict, log: Callable[[str], None]) -> Iterator[None]:
+    """A scenario that fails is reported in its place; the systems already measured are kept and printed."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - any failure of one scenario must not discard the others
+        log(f"bench: scenario {name} failed: {type(exc).__name__}: {exc}")
+        out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def make_calm(policy: Policy, store: Store, kb: KnowledgeBase, adaptive: bool = True) -> Calm:
     calm = Calm(policy, store, kb)
     calm.adaptive = adaptive
@@ -304,60 +315,64 @@ def run(policies: list[Policy], store: Store, kb_source: Path, precision: str, i
             sweep.append({**r.summary(goals), "name": f"calm ({main_policy.name}, cost weights x{factor})",
                           "factor": factor})
         if scenarios.shift:
-            half = len(items) // 2
-            for adaptive in (True, False):
-                calm = make_calm(main_policy, store, fresh_kb(f"shift-{adaptive}"), adaptive)
-                r = run_calm(calm, items, rule, progress(f"shift ({'adaptive' if adaptive else 'static'})"))
-                scenario_out.setdefault("shift", {})["adaptive" if adaptive else "static"] = {
-                    "shift_at": half, "requests_to_recover_hit_rate": hit_rate_recovery(r.results, half),
-                    "hit_rate_before": round(float(np.mean([q.cache_hit for q in r.results[:half]])), 3),
-                    "hit_rate_after": round(float(np.mean([q.cache_hit for q in r.results[half:]])), 3),
-                    "quality": r.summary(goals)["quality"]}
+            with _scenario("shift", scenario_out, log):
+                half = len(items) // 2
+                for adaptive in (True, False):
+                    calm = make_calm(main_policy, store, fresh_kb(f"shift-{adaptive}"), adaptive)
+                    r = run_calm(calm, items, rule, progress(f"shift ({'adaptive' if adaptive else 'static'})"))
+                    scenario_out.setdefault("shift", {})["adaptive" if adaptive else "static"] = {
+                        "shift_at": half, "requests_to_recover_hit_rate": hit_rate_recovery(r.results, half),
+                        "hit_rate_before": round(float(np.mean([q.cache_hit for q in r.results[:half]])), 3),
+                        "hit_rate_after": round(float(np.mean([q.cache_hit for q in r.results[half:]])), 3),
+                        "quality": r.summary(goals)["quality"]}
         if scenarios.slow:
-            model, factor = scenarios.slow
-            at = len(items) // 3
-            for adaptive in (True, False):
-                calm = make_calm(main_policy, store, fresh_kb(f"slow-{adaptive}"), adaptive)
+            with _scenario("slow", scenario_out, log):
+                model, factor = scenarios.slow
+                at = len(items) // 3
+                for adaptive in (True, False):
+                    calm = make_calm(main_policy, store, fresh_kb(f"slow-{adaptive}"), adaptive)
 
-                def inject(i: int, calm: Calm = calm) -> None:
-                    if i == at:
-                        calm.slowdown[model] = factor
+                    def inject(i: int, calm: Calm = calm) -> None:
+                        if i == at:
+                            calm.slowdown[model] = factor
 
-                r = run_calm(calm, items, rule, progress(f"slow {model} x{factor} ({adaptive=})"), before=inject)
-                after = r.results[at:]
-                goal = main_policy.goals.get("latency_p95_ms", float("inf"))
-                scenario_out.setdefault("slow", {})["adaptive" if adaptive else "static"] = {
-                    "model": model, "factor": factor, "injected_at": at,
-                    "requests_until_traffic_moved": traffic_moved_after(r.results, model, at),
-                    "share_before": round(float(np.mean([q.model == model for q in r.results[:at]])), 3),
-                    "share_after": round(float(np.mean([q.model == model for q in after])), 3),
-                    "latency_violation_share_after": round(float(np.mean([q.latency_ms > goal for q in after])), 3),
-                    "latency_p95_ms_after": round(float(np.percentile([q.latency_ms for q in after], 95)), 1)}
+                    r = run_calm(calm, items, rule, progress(f"slow {model} x{factor} ({adaptive=})"), before=inject)
+                    after = r.results[at:]
+                    goal = main_policy.goals.get("latency_p95_ms", float("inf"))
+                    scenario_out.setdefault("slow", {})["adaptive" if adaptive else "static"] = {
+                        "model": model, "factor": factor, "injected_at": at,
+                        "requests_until_traffic_moved": traffic_moved_after(r.results, model, at),
+                        "share_before": round(float(np.mean([q.model == model for q in r.results[:at]])), 3),
+                        "share_after": round(float(np.mean([q.model == model for q in after])), 3),
+                        "latency_violation_share_after": round(float(np.mean([q.latency_ms > goal for q in after])), 3),
+                        "latency_p95_ms_after": round(float(np.percentile([q.latency_ms for q in after], 95)), 1)}
         if scenarios.budget_cut:
-            budget, at = scenarios.budget_cut
-            calm = make_calm(main_policy, store, fresh_kb("budget"))
-            used: list[float] = []
+            with _scenario("budget_cut", scenario_out, log):
+                budget, at = scenarios.budget_cut
+                calm = make_calm(main_policy, store, fresh_kb("budget"))
+                used: list[float] = []
 
-            def cut(i: int) -> None:
-                if i == at:
-                    calm.cache.set_budget(budget)
-                if i == at + 1:
-                    used.append(calm.cache.state()["used_mb"])
+                def cut(i: int) -> None:
+                    if i == at:
+                        calm.cache.set_budget(budget)
+                    if i == at + 1:
+                        used.append(calm.cache.state()["used_mb"])
 
-            r = run_calm(calm, items, rule, progress(f"budget cut to {budget} MB at request {at}"), before=cut)
-            scenario_out["budget_cut"] = {
-                "budget_mb": budget, "at_request": at, "used_mb_at_next_request": used[0] if used else None,
-                "within_budget_by_next_request": bool(used and used[0] <= budget + 1e-6),
-                "evictions": calm.cache.state()["evictions"], "quality": r.summary(goals)["quality"]}
+                r = run_calm(calm, items, rule, progress(f"budget cut to {budget} MB at request {at}"), before=cut)
+                scenario_out["budget_cut"] = {
+                    "budget_mb": budget, "at_request": at, "used_mb_at_next_request": used[0] if used else None,
+                    "within_budget_by_next_request": bool(used and used[0] <= budget + 1e-6),
+                    "evictions": calm.cache.state()["evictions"], "quality": r.summary(goals)["quality"]}
         if scenarios.arrival:
-            out = {}
-            for discipline in ("fifo", "sjf"):
-                policy = dataclasses.replace(main_policy, queue={**main_policy.queue, "discipline": discipline})
-                calm = make_calm(policy, store, fresh_kb(f"arrival-{discipline}"))
-                r = run_arrivals(calm, items, rule, scenarios.arrival, seed, progress(f"arrivals {discipline}"))
-                summary = r.summary(goals)
-                out[discipline] = {k: summary[k] for k in ("latency_p50_ms", "latency_p95_ms", "latency_mean_ms",
-                                                           "quality")}
-                out[discipline]["queue_ms_mean"] = round(float(np.mean([q.queue_ms for q in r.results])), 1)
-            scenario_out["arrival"] = {"rate_per_s": scenarios.arrival, **out}
+            with _scenario("arrival", scenario_out, log):
+                out = {}
+                for discipline in ("fifo", "sjf"):
+                    policy = dataclasses.replace(main_policy, queue={**main_policy.queue, "discipline": discipline})
+                    calm = make_calm(policy, store, fresh_kb(f"arrival-{discipline}"))
+                    r = run_arrivals(calm, items, rule, scenarios.arrival, seed, progress(f"arrivals {discipline}"))
+                    summary = r.summary(goals)
+                    out[discipline] = {k: summary[k] for k in ("latency_p50_ms", "latency_p95_ms", "latency_mean_ms",
+                                                               "quality")}
+                    out[discipline]["queue_ms_mean"] = round(float(np.mean([q.queue_ms for q in r.results])), 1)
+                scenario_out["arrival"] = {"rate_per_s": scenarios.arrival, **out}
     return {"systems": [s.summary(goals) for s in systems], "scenarios": scenario_out, "sweep": sweep}
