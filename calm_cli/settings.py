@@ -93,7 +93,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("device_id", "CALM_DEVICE_ID", lambda: "0", "CUDA device id for GPU sessions.", _positive_int),
         Setting("threads", "CALM_THREADS", lambda: "1",
                 "onnxruntime intra-op threads per session; 0 lets onnxruntime choose. One is steadiest where "
-                "cores are shared; on idle cores 2 decoded 1.3-1.7x faster on a 2-core machine (docs/ENGINE.md).",
+                "cores are shared; on idle cores 2 decoded 1.7-1.8x faster on a 2-core machine (docs/ENGINE.md).",
                 _positive_int),
         Setting("spin", "CALM_SPIN", lambda: "1",
                 "1 lets onnxruntime's intra-op threads spin-wait between kernels (as llama.cpp's do): +9-28% "
