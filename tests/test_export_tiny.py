@@ -26,33 +26,30 @@ def exported(request, tmp_path_factory):
     return model, Decoder(out)
 
 
-def test_greedy_tokens_equal_transformers(exported) -> None:
-    model, decoder = exported
-    generator = torch.Generator().manual_seed(1)
-    for length in (1, 5, 23):
-        prompt = torch.randint(0, EOS, (1, length), generator=generator)
-        want = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                              max_new_tokens=20, eos_token_id=EOS, pad_token_id=EOS)[0, length:].tolist()
-        if EOS in want:
-            want = want[: want.index(EOS)]
-        got = list(decoder.greedy(prompt[0].tolist(), 20))
-        assert got == want, f"prompt length {length}"
-
-
-def test_greedy_tokens_equal_optimum_ortmodel(exported, tmp_path) -> None:
-    """Optimum's own runtime class on the same export is the reference an Optimum user would compare with."""
-    ort_models = pytest.importorskip("optimum.onnxruntime")
-    _, decoder = exported
-    reference = ort_models.ORTModelForCausalLM.from_pretrained(str(decoder.directory), use_cache=True,
-                                                               provider="CPUExecutionProvider")
-    generator = torch.Generator().manual_seed(3)
-    for length in (1, 6, 19):
+def _assert_same_greedy(reference, decoder: Decoder, seed: int, lengths: tuple[int, ...]) -> None:
+    """`reference.generate` (transformers' API) and calm's loop choose the same 20 tokens, EOS excluded."""
+    generator = torch.Generator().manual_seed(seed)
+    for length in lengths:
         prompt = torch.randint(0, EOS, (1, length), generator=generator)
         want = reference.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                   max_new_tokens=20, eos_token_id=EOS, pad_token_id=EOS)[0, length:].tolist()
         if EOS in want:
             want = want[: want.index(EOS)]
         assert list(decoder.greedy(prompt[0].tolist(), 20)) == want, f"prompt length {length}"
+
+
+def test_greedy_tokens_equal_transformers(exported) -> None:
+    model, decoder = exported
+    _assert_same_greedy(model, decoder, seed=1, lengths=(1, 5, 23))
+
+
+def test_greedy_tokens_equal_optimum_ortmodel(exported) -> None:
+    """Optimum's own runtime class on the same export is the reference an Optimum user would compare with."""
+    ort_models = pytest.importorskip("optimum.onnxruntime")
+    _, decoder = exported
+    reference = ort_models.ORTModelForCausalLM.from_pretrained(str(decoder.directory), use_cache=True,
+                                                               provider="CPUExecutionProvider")
+    _assert_same_greedy(reference, decoder, seed=3, lengths=(1, 6, 19))
 
 
 def test_streamed_text_equals_decoded_tokens(exported) -> None:
