@@ -253,7 +253,7 @@ class ModelCache:
                 evicted += self._make_room(Candidate(name, memory),
                                            f"to load {name}, which took {memory:.0f} MB, more than estimated")
             except CacheError:
-                del session
+                session = None  # drop the only reference so the memory is freed before the error propagates
                 gc.collect()
                 raise
             self._commit(name, session, memory, "miss")
