@@ -73,8 +73,10 @@ def test_int4_agrees_with_fp32_when_fed_the_same_text(smollm2: dict[str, Path]) 
         a, b = fp32.logits(text)[len(ids) - 1:-1], int4.logits(text)[len(ids) - 1:-1]
         same += int((a.argmax(-1) == b.argmax(-1)).sum())
         total += len(a)
-    # 0.986 over 20 prompts (docs/EXPORT.md); on these 200 positions a guard against regressions, not the target.
-    assert same / total >= 0.97, f"{same}/{total}"
+    # At accuracy level 4 (int8 activations, as llama.cpp): 0.973 over 20 prompts (docs/EXPORT.md), 161/167 on
+    # these. A guard against a broken block mapping (a second quantization of dequantized weights gave 0.82),
+    # not the 0.99 target.
+    assert same / total >= 0.95, f"{same}/{total}"
 
 
 def test_damaged_source_is_named_and_fetched_again(calm_home: Path, source_dir) -> None:
