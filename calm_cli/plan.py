@@ -192,7 +192,7 @@ class Planner:
         esc = self.policy.escalation
         larger = self._larger_quality(query, calibration)
         first = None
-        if larger is not None and first_model in calibration.scores and first_model in calibration.confidence:
+        if larger is not None and first_model in calibration.scores:  # confidence has the same keys as scores
             first = calibrated_correctness(query, calibration.embeddings, calibration.scores[first_model],
                                            calibration.confidence[first_model], confidence)
         if "min_gain" in esc and first is not None and larger is not None:

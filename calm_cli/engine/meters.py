@@ -3,9 +3,9 @@
 On a GPU, energy is the delta of NVML's total-energy counter (mJ since driver load): the whole device's,
 idle draw included (about 90 W on an H100), so it is real but not the work's own share; memory is NVML's
 figure for this process. NVML numbers GPUs physically and ignores CUDA_VISIBLE_DEVICES: CALM_DEVICE_ID must
-name the same GPU in both numberings (it does unless CUDA_VISIBLE_DEVICES reorders them). Without NVML there is no energy counter here (no RAPL), so energy is
-process CPU-seconds x watts per core (setting CALM_WATTS_PER_CORE) and every record says it is estimated;
-memory is the resident-set size of this process.
+name the same GPU in both numberings (it does unless CUDA_VISIBLE_DEVICES reorders them). Without NVML there
+is no energy counter here (no RAPL), so energy is process CPU-seconds x watts per core (setting
+CALM_WATTS_PER_CORE) and every record says it is estimated; memory is the resident-set size of this process.
 """
 
 from __future__ import annotations
