@@ -1,11 +1,11 @@
-"""Measure what the export keeps: fp32 ONNX vs transformers, int4 vs fp32, int4 vs llama.cpp, per model.
+"""Measure what the export keeps: fp32 ONNX vs transformers, int4 vs fp32, int4 and llama.cpp vs fp32, per model.
 
 Run in calm's environment with the [export] extra and llama-cpp-python installed, after
 `calm models export NAME --precision fp32` and `--precision int4`:
 
     python scripts/export_quality.py [--models smollm2-135m,...] [--tokens 32] [--json out.json]
 
-It prints a markdown table (docs/EXPORT_QUALITY.md holds the last one) and, with --json, the raw figures.
+It prints a markdown table (docs/EXPORT.md, "Export quality", holds the last one) and, with --json, the raw figures.
 All models read the same token ids: the prompt is tokenized once with calm's GGUF-built tokenizer.
 """
 
@@ -135,12 +135,15 @@ def measure(name: str, store: Store, tokens: int, with_transformers: bool) -> di
         row["fp32_vs_transformers_prefix"] = float(np.mean([common_prefix(a, b) / max(len(b), 1)
                                                             for a, b in zip(g32, gt)]))
     gl, llogits = llama_cpp_runs(store.source_dir(name) / "model.gguf", prompts, tokens, stops, forced)
-    same = total = 0
+    same = same_fp32 = total = 0
     for (ids, start), ll in zip(forced, llogits):
-        mine = int4.logits(ids)[start - 1:-1]
+        mine, ref = int4.logits(ids)[start - 1:-1], fp32.logits(ids)[start - 1:-1]
         same += int((mine.argmax(-1) == ll.argmax(-1)).sum())
+        same_fp32 += int((ref.argmax(-1) == ll.argmax(-1)).sum())
         total += len(ll)
     row["int4_vs_llama_cpp_top1"] = same / max(total, 1)
+    # The bar for int4 vs fp32: how close llama.cpp's own arithmetic on the same GGUF comes to fp32.
+    row["llama_cpp_vs_fp32_top1"] = same_fp32 / max(total, 1)
     row["int4_vs_llama_cpp_identical"] = sum(a == b for a, b in zip(g4, gl))
     row["right_llama_cpp"] = right(gl)
     return row
@@ -148,14 +151,16 @@ def measure(name: str, store: Store, tokens: int, with_transformers: bool) -> di
 
 def table(rows: list[dict]) -> str:
     head = ("| model | fp32 ONNX = transformers (greedy, identical / prompts) | int4 vs fp32: teacher-forced top-1 "
+            "| llama.cpp vs fp32: teacher-forced top-1 "
             "| int4 vs fp32: identical greedy | int4 vs fp32: mean greedy prefix | right answers fp32 / int4 / "
             "llama.cpp | int4 vs llama.cpp: teacher-forced top-1 | int4 = llama.cpp greedy |\n"
-            "| --- | --- | --- | --- | --- | --- | --- | --- |\n")
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
     body = ""
     for r in rows:
         tf = (f"{r['fp32_vs_transformers_identical']}/{r['prompts']}" if "fp32_vs_transformers_identical" in r
               else "not run")
-        body += (f"| {r['model']} | {tf} | {r['int4_vs_fp32_top1']:.3f} | {r['int4_vs_fp32_identical']}/{r['prompts']}"
+        body += (f"| {r['model']} | {tf} | {r['int4_vs_fp32_top1']:.3f} | {r['llama_cpp_vs_fp32_top1']:.3f}"
+                 f" | {r['int4_vs_fp32_identical']}/{r['prompts']}"
                  f" | {r['int4_vs_fp32_prefix']:.2f} | {r['right_fp32']} / {r['right_int4']} / {r['right_llama_cpp']}"
                  f" of {r['checked_answers']} | {r['int4_vs_llama_cpp_top1']:.3f} | "
                  f"{r['int4_vs_llama_cpp_identical']}/{r['prompts']} |\n")

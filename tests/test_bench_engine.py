@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
 
 from calm_cli.bench.engine import _add_ratios
+from calm_cli.bench.engine_worker import matmul_ms_per_step
 from calm_cli.cli import main
 
 
@@ -18,7 +22,8 @@ def test_ratios_compare_like_with_like() -> None:
         {"model": "m", "system": "llama.cpp", "precision": "gguf", "threads": 2, "decode_tok_s": 50.0},
         {"model": "m", "system": "optimum", "precision": "int4", "threads": 1, "decode_tok_s": 20.0},
         {"model": "m", "system": "optimum", "precision": "fp32", "threads": 1, "decode_tok_s": 10.0},
-        {"model": "m", "system": "calm", "precision": "int4", "threads": 1, "decode_tok_s": 44.0},
+        {"model": "m", "system": "calm", "precision": "int4", "threads": 1, "decode_tok_s": 44.0,
+         "matmul_ms_per_token": 20.0},
         {"model": "m", "system": "calm", "precision": "fp32", "threads": 1, "decode_tok_s": 25.0},
     ]
     _add_ratios(rows)
@@ -26,6 +31,43 @@ def test_ratios_compare_like_with_like() -> None:
     assert calm_int4["vs_llama_cpp"] == 1.1 and calm_int4["vs_llama_cpp_best"] == 0.88
     assert calm_int4["vs_optimum"] == 2.2 and calm_fp32["vs_optimum"] == 2.5  # same precision, same threads
     assert rows[2]["vs_optimum"] is None  # only calm's rows carry it
+    # Optimum's step is 50 ms; calm's weight products alone take 20 ms: no engine change gets past 2.5x.
+    assert calm_int4["vs_optimum_ceiling"] == 2.5
+    assert calm_fp32["vs_optimum_ceiling"] is None  # no profile, no ceiling
+
+
+def _profile_of(runs: int, tmp_path: Path) -> Path:
+    """A real onnxruntime profile of `runs` runs of x @ W -> Relu."""
+    w = numpy_helper.from_array(np.ones((256, 256), np.float32), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["h"], name="proj"),
+                               helper.make_node("Relu", ["h"], ["y"], name="act")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "p")
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        session.run(None, {"x": np.ones((1, 256), np.float32)})
+    return Path(session.end_profiling())
+
+
+def test_matmul_time_counts_the_decode_steps_products_only(tmp_path: Path) -> None:
+    profile = _profile_of(4, tmp_path)
+    events = json.loads(profile.read_text())
+    runs = sorted(e["ts"] for e in events if e.get("name") == "model_run")
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    matmul_after_first = [e["dur"] for e in kernels if e["name"].startswith("proj") and e["ts"] >= runs[1]]
+    assert len(runs) == 4 and len(matmul_after_first) == 3  # the prompt run is left out
+    assert matmul_ms_per_step(profile) == pytest.approx(sum(matmul_after_first) / 1000 / 3)
+    everything = sum(e["dur"] for e in kernels if e["ts"] >= runs[1]) / 1000 / 3
+    assert matmul_ms_per_step(profile) < everything  # Relu is not a product
+
+
+def test_matmul_time_needs_a_decode_step(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="1 runs profiled"):
+        matmul_ms_per_step(_profile_of(1, tmp_path))
 
 
 @pytest.mark.fleet
@@ -43,4 +85,6 @@ def test_bench_engine_runs_calm_and_optimum_on_the_same_export(fleet_store, tmp_
     calm, optimum = rows
     assert calm["decode_tok_s"] > 0 and optimum["decode_tok_s"] > 0 and calm["ttft_ms"] > 0
     assert calm["vs_optimum"] == round(calm["decode_tok_s"] / optimum["decode_tok_s"], 2)
-    assert "vs_optimum" in result.output
+    assert calm["matmul_ms_per_token"] > 0 and optimum["matmul_ms_per_token"] > 0
+    assert calm["vs_optimum_ceiling"] == round(1000 / optimum["decode_tok_s"] / calm["matmul_ms_per_token"], 2)
+    assert "vs_optimum_ceiling" in result.output

@@ -1,9 +1,14 @@
 """One engine-benchmark measurement in a fresh process, so that load time and peak memory are its own.
 
 Systems: calm (this engine on the exported ONNX), llama.cpp (llama-cpp-python on the same GGUF), optimum
-(ORTModelForCausalLM on calm's fp32 export) and transformers (PyTorch on the GGUF, dequantized). Every system
-gets the same prompt token ids and generates exactly `--tokens` tokens greedily (end of sequence ignored),
-so decode rates compare like with like. Prints one JSON line.
+(ORTModelForCausalLM on Optimum's own graph of calm's export of the same precision) and transformers (PyTorch
+on the GGUF, dequantized). Every system gets the same prompt token ids and generates exactly `--tokens` tokens
+greedily (end of sequence ignored), so decode rates compare like with like. Prints one JSON line.
+
+For the two onnxruntime systems one more, profiled, generation (after the timed ones, so it does not slow them)
+gives `matmul_ms_per_token`: onnxruntime's kernel time per decode step in the weight products (MatMulNBits,
+their min corrections, fp32 MatMul/Gemm). Both systems run the same weights through the same kernels, so this
+time is a floor under either one's step and caps what any engine change can win over Optimum.
 """
 
 from __future__ import annotations
@@ -13,14 +18,43 @@ import json
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 RunFn = Callable[[list[int], int], tuple[float, float]]  # -> (ttft_s, total_s)
+ProfileFn = Callable[[list[int], int], float]  # -> weight-product kernel ms per decode step
+
+PRODUCTS = {"MatMulNBits", "MatMul", "Gemm"}  # with the BlockSum nodes of the min corrections (int4.py)
 
 
-def _calm(export_dir: Path, threads: int) -> tuple[RunFn, str]:
+def matmul_ms_per_step(profile: Path) -> float:
+    """Kernel time in the weight products per decode step of an onnxruntime profile (first run = prompt)."""
+    events = json.loads(profile.read_text())
+    runs = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    if len(runs) < 2:
+        raise ValueError(f"{profile}: {len(runs)} runs profiled, need the prompt and at least one decode step")
+    total = sum(e["dur"] for e in events
+                if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= runs[1]
+                and (e.get("args", {}).get("op_name") in PRODUCTS or "/BlockSum" in e["name"]))
+    return total / 1000 / (len(runs) - 1)
+
+
+def _profiled_options(threads: int | None, directory: str):
+    import onnxruntime as ort
+
+    from calm_cli.engine.session import session_options
+
+    options = session_options() if threads is None else ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(directory) / "profile")
+    return options
+
+
+def _calm(export_dir: Path, threads: int) -> tuple[RunFn, str, ProfileFn | None]:
     from calm_cli.engine.generate import Decoder
 
     decoder = Decoder(export_dir)
@@ -32,10 +66,23 @@ def _calm(export_dir: Path, threads: int) -> tuple[RunFn, str]:
             first = first or time.perf_counter()
         return first - start, time.perf_counter() - start
 
-    return run, decoder.provider
+    def profile(ids: list[int], n: int) -> float:
+        import onnxruntime as ort
+
+        from calm_cli.engine.session import decoder_graph, requested_providers
+
+        with tempfile.TemporaryDirectory() as tmp:
+            profiled = Decoder(export_dir)
+            profiled.session = ort.InferenceSession(str(decoder_graph(export_dir)), _profiled_options(None, tmp),
+                                                    providers=requested_providers())
+            for _ in profiled.generate(ids, n, stop_at_eos=False):
+                pass
+            return matmul_ms_per_step(Path(profiled.session.end_profiling()))
+
+    return run, decoder.provider, profile
 
 
-def _llama_cpp(gguf: Path, threads: int) -> tuple[RunFn, str]:
+def _llama_cpp(gguf: Path, threads: int) -> tuple[RunFn, str, ProfileFn | None]:
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
@@ -50,7 +97,7 @@ def _llama_cpp(gguf: Path, threads: int) -> tuple[RunFn, str]:
                 break
         return first - start, time.perf_counter() - start
 
-    return run, "llama.cpp CPU"
+    return run, "llama.cpp CPU", None
 
 
 def _hf_generate(model, torch) -> RunFn:
@@ -67,25 +114,37 @@ def _hf_generate(model, torch) -> RunFn:
     return run
 
 
-def _optimum(export_dir: Path, threads: int) -> tuple[RunFn, str]:
+def _optimum(export_dir: Path, threads: int) -> tuple[RunFn, str, ProfileFn | None]:
     import onnxruntime as ort
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM
 
+    def load(options: ort.SessionOptions) -> ORTModelForCausalLM:
+        return ORTModelForCausalLM.from_pretrained(str(export_dir), provider="CPUExecutionProvider",
+                                                   session_options=options, use_cache=True)
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    model = ORTModelForCausalLM.from_pretrained(str(export_dir), provider="CPUExecutionProvider",
-                                                session_options=options, use_cache=True)
-    return _hf_generate(model, torch), "optimum ORT CPU"
+    model = load(options)
+
+    def profile(ids: list[int], n: int) -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            profiled = load(_profiled_options(threads, tmp))
+            x = torch.tensor([ids])
+            profiled.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n,
+                              min_new_tokens=n)
+            return matmul_ms_per_step(Path(profiled.session.end_profiling()))
+
+    return _hf_generate(model, torch), "optimum ORT CPU", profile
 
 
-def _transformers(gguf: Path, threads: int) -> tuple[RunFn, str]:
+def _transformers(gguf: Path, threads: int) -> tuple[RunFn, str, ProfileFn | None]:
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
-    return _hf_generate(model, torch), "PyTorch CPU"
+    return _hf_generate(model, torch), "PyTorch CPU", None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = [int(t) for t in args.prompt_ids.split(",")]
     start = time.perf_counter()
     build = {"calm": _calm, "llama.cpp": _llama_cpp, "optimum": _optimum, "transformers": _transformers}
-    run, provider = build[args.system](args.path, args.threads)
+    run, provider, profile = build[args.system](args.path, args.threads)
     load_s = time.perf_counter() - start
     run(ids, 4)  # warm-up: first-call allocations are not the steady state
     ttfts, rates = [], []
@@ -109,12 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         ttft, total = run(ids, args.tokens)
         ttfts.append(ttft)
         rates.append((args.tokens - 1) / (total - ttft))
-    print(json.dumps({
+    row = {
         "system": args.system, "provider": provider, "threads": args.threads, "load_s": round(load_s, 3),
         "ttft_ms": round(statistics.median(ttfts) * 1000, 1), "decode_tok_s": round(statistics.median(rates), 2),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,  # before the profiled load
         "prompt_tokens": len(ids), "new_tokens": args.tokens,
-    }), file=report_to, flush=True)
+    }
+    row["matmul_ms_per_token"] = None if profile is None else round(profile(ids, args.tokens), 2)
+    print(json.dumps(row), file=report_to, flush=True)
     return 0
 
 
