@@ -38,9 +38,12 @@ class Step:
 
 
 def _logprob(logits: np.ndarray, token: int) -> float:
-    """log softmax(logits)[token]: float32 exponentials summed in float64, 4x cheaper than a full log_softmax."""
+    """log softmax(logits)[token], computed every step: float32 exponentials in one scratch array, summed
+    pairwise (numpy's float32 sum; 3e-8 from a float64 log_softmax on a 262k vocabulary, 1.5x faster)."""
     top = logits.max()
-    return float(logits[token] - top) - float(np.log(np.exp(logits - top).sum(dtype=np.float64)))
+    shifted = logits - top
+    np.exp(shifted, out=shifted)
+    return float(logits[token] - top) - float(np.log(shifted.sum()))
 
 
 @dataclass
@@ -82,12 +85,11 @@ class _Cache:
         self.decoder = decoder
         self.io = decoder.session.io_binding()
 
-    def _run(self, arrays: dict[str, np.ndarray]) -> list[ort.OrtValue]:
+    def _run(self, arrays: dict[str, np.ndarray]) -> None:
         """Bind host arrays as inputs and run; binding and run share one call so the arrays outlive the run."""
         for name, array in arrays.items():
             self.io.bind_cpu_input(name, array)
         self.decoder.session.run_with_iobinding(self.io)
-        return self.io.get_outputs()
 
 
 class _GrowingCache(_Cache):
@@ -122,7 +124,8 @@ class _GrowingCache(_Cache):
         self.io.bind_output("logits")  # rebound each step: a filled output would be reused as a fixed buffer
         for name in d.present_names:
             self.io.bind_output(name, self.device, d.device_id)
-        logits, *presents = self._run(feed)
+        self._run(feed)
+        logits, *presents = self.io.get_outputs()
         for name, value in zip(d.past_names, presents):
             self.io.bind_ortvalue_input(name, value)
         return logits.numpy()[:, -1]
@@ -132,12 +135,15 @@ class _SharedCache(_Cache):
     """The fused graph: KV buffers of a fixed capacity that GroupQueryAttention updates in place.
 
     Each buffer is bound as both `past` and `present`, so a step writes only its new positions. Rows are
-    right-padded; `seqlens_k` tells the kernel each row's length, and only each row's last logits are made.
+    right-padded; `seqlens_k` tells the kernel each row's length, and only each row's last logits are made,
+    straight into one host array bound for the whole request (no per-step output allocation or copy).
     """
 
     def __init__(self, decoder: Decoder, batch: int, capacity: int):
         super().__init__(decoder)
-        self.io.bind_output("logits")  # first, so that it is output 0
+        logits = decoder.session.get_outputs()[0]
+        self.logits = np.empty((batch, logits.shape[-1]), _NP_TYPES[logits.type])
+        self.io.bind_output("logits", "cpu", 0, self.logits.dtype, list(self.logits.shape), self.logits.ctypes.data)
         heads, head_dim = decoder.cache_shape
         self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, heads, capacity, head_dim),
                                                                   decoder.cache_type)) for _ in decoder.past_names]
@@ -147,15 +153,18 @@ class _SharedCache(_Cache):
         self.lengths = np.zeros(batch, dtype=np.int64)
 
     def feed(self, rows: list[list[int]]) -> np.ndarray:
-        """Append each row's tokens (several on the first call, one after); logits at each row's last: [B, V]."""
+        """Append each row's tokens (several on the first call, one after); logits at each row's last: [B, V].
+
+        The array returned is this cache's logits buffer: the next feed overwrites it.
+        """
         width = max(map(len, rows))
         counts = np.asarray([len(r) for r in rows], dtype=np.int64)
         self.lengths += counts
-        self.io.bind_output("logits")  # rebound each step: its shape follows the batch
-        return self._run({"input_ids": np.asarray([r + [0] * (width - len(r)) for r in rows], dtype=np.int64),
-                          "seqlens_k": (self.lengths - 1).astype(np.int32),
-                          "total_sequence_length": np.asarray(self.lengths.max(), dtype=np.int32),
-                          "logits_index": np.arange(len(rows), dtype=np.int64) * width + counts - 1})[0].numpy()
+        self._run({"input_ids": np.asarray([r + [0] * (width - len(r)) for r in rows], dtype=np.int64),
+                   "seqlens_k": (self.lengths - 1).astype(np.int32),
+                   "total_sequence_length": np.asarray(self.lengths.max(), dtype=np.int32),
+                   "logits_index": np.arange(len(rows), dtype=np.int64) * width + counts - 1})
+        return self.logits
 
 
 @dataclass
