@@ -552,7 +552,7 @@ def bench_engine(models: list[str], systems: list[str], precisions: list[str], t
         _fail(f"unknown system(s): {', '.join(sorted(unknown))}", EXIT_USAGE)
     rows = engine.run(_specs(tuple(models)), _store(), systems, precisions, threads, tokens, repeats, _echo_err)
     headers = ["model", "system", "precision", "threads", "load_s", "ttft_ms", "decode_tok_s", "peak_rss_mb",
-               "vs_llama_cpp", "vs_llama_cpp_best", "vs_optimum", "vs_optimum_ceiling"]
+               "vs_llama_cpp", "vs_llama_cpp_best", "vs_optimum", "products_share", "vs_optimum_ceiling"]
     click.echo(tabulate([[r[h] for h in headers] for r in rows], headers=headers))
     if json_path:
         Path(json_path).write_text(json.dumps({"tokens": tokens, "repeats": repeats, "rows": rows}, indent=2) + "\n")
