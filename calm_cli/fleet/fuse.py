@@ -461,11 +461,9 @@ def build(src: _Source, config: dict, data: Path, file: BinaryIO) -> onnx.ModelP
         attrs = dict(num_heads=heads, kv_num_heads=kv_heads, do_rotary=1)
         if gemma:  # q/k norms per head before the rotary (onnxruntime's CPU kernel has no q/k norm inputs)
             heads_shape = b.const(a + ".heads_shape", np.array([0, -1, head_dim], np.int64))
-            flat_shape = b.const(a + ".flat_shape", np.array([0, -1], np.int64))
             for k, kind in ((0, "q_norm"), (1, "k_norm")):
                 (t,) = b.op("Reshape", [qkv[k], heads_shape], f"{a}/{kind}/ToHeads")
-                t, _ = norm(f"{a}/{kind}", t)
-                (qkv[k],) = b.op("Reshape", [t, flat_shape], f"{a}/{kind}/FromHeads")
+                qkv[k], _ = norm(f"{a}/{kind}", t)  # [tokens, heads, head_dim]: ToAttention reshapes it directly
             attrs["scale"] = float(config["query_pre_attn_scalar"]) ** -0.5
             if layer_types[i] == "sliding_attention":
                 attrs["local_window_size"] = int(config["sliding_window"])
