@@ -8,7 +8,8 @@ greedily (end of sequence ignored), so decode rates compare like with like. Prin
 For the two onnxruntime systems one more, profiled, generation (after the timed ones, so it does not slow them)
 gives `products_share`: the share of onnxruntime's decode-step time spent in the weight products (MatMulNBits,
 their min corrections, fp32 MatMul/Gemm). Both systems run the same weights through the same kernels, so that
-time is a floor under either one's step and caps what any engine change can win over Optimum.
+time is a floor under either one's step and caps what any engine change can win over Optimum. (Optimum's plain
+graph also computes attention with MatMul, which counts here too: its share is an upper bound.)
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:  # imported for real inside the functions: llama.cpp and transformers runs never load it
+    import onnxruntime as ort
 
 RunFn = Callable[[list[int], int], tuple[float, float]]  # -> (ttft_s, total_s)
 ProfileFn = Callable[[list[int], int], float]  # -> weight products' share of a decode step
@@ -44,7 +48,8 @@ def products_share(profile: Path) -> float:
     return products / sum(dur for _, dur in runs[1:])
 
 
-def _profiled_options(threads: int | None, directory: str):
+def _profiled_options(threads: int | None, directory: str) -> ort.SessionOptions:
+    """calm's own session options (threads None) or Optimum's (plain, `threads` intra-op), profiling on."""
     import onnxruntime as ort
 
     from calm_cli.engine.session import session_options
