@@ -65,14 +65,19 @@ class Decision:
     reason: str
 
 
+def _nearest(query: np.ndarray, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the k embeddings nearest the query, and their similarities as (positive) weights."""
+    sims = embeddings @ query
+    top = np.argsort(-sims)[:k]
+    return top, np.clip(sims[top], 1e-3, None)
+
+
 def knn_quality(query: np.ndarray, embeddings: np.ndarray, scores: np.ndarray, k: int = KNN) -> float | None:
     """Similarity-weighted mean score over the k calibration items nearest the query that this member did."""
     have = ~np.isnan(scores)
     if not have.any():
         return None
-    sims = embeddings[have] @ query
-    top = np.argsort(-sims)[:k]
-    weights = np.clip(sims[top], 1e-3, None)
+    top, weights = _nearest(query, embeddings[have], k)
     return float((weights * scores[have][top]).sum() / weights.sum())
 
 
@@ -86,9 +91,7 @@ def calibrated_correctness(query: np.ndarray, embeddings: np.ndarray, scores: np
     have = ~np.isnan(scores) & ~np.isnan(confidences)
     if not have.any():
         return None
-    sims = embeddings[have] @ query
-    top = np.argsort(-sims)[:k]
-    near = np.clip(sims[top], 1e-3, None)
+    top, near = _nearest(query, embeddings[have], k)
     s = scores[have][top]
     prior = float((near * s).sum() / near.sum())
     w = near * np.exp(-0.5 * ((confidences[have][top] - confidence) / CONFIDENCE_BANDWIDTH) ** 2)

@@ -79,13 +79,12 @@ def _calm(export_dir: Path, threads: int) -> tuple[RunFn, str, ProfileFn | None]
 
         from calm_cli.engine.session import decoder_graph, requested_providers
 
-        with tempfile.TemporaryDirectory() as tmp:
-            profiled = Decoder(export_dir)
-            profiled.session = ort.InferenceSession(str(decoder_graph(export_dir)), _profiled_options(None, tmp),
-                                                    providers=requested_providers())
-            for _ in profiled.generate(ids, n, stop_at_eos=False):
+        with tempfile.TemporaryDirectory() as tmp:  # after the timed runs: the decoder's session is swapped
+            decoder.session = ort.InferenceSession(str(decoder_graph(export_dir)), _profiled_options(None, tmp),
+                                                   providers=requested_providers())
+            for _ in decoder.generate(ids, n, stop_at_eos=False):
                 pass
-            return products_share(Path(profiled.session.end_profiling()))
+            return products_share(Path(decoder.session.end_profiling()))
 
     return run, decoder.provider, profile
 

@@ -130,7 +130,7 @@ def pull(spec: ModelSpec, store: Store, progress: Progress, log: Callable[[str],
         tmp_root.mkdir(parents=True, exist_ok=True)
         for stale in tmp_root.glob(f"pull-{spec.name}-*"):
             shutil.rmtree(stale, ignore_errors=True)  # a killed pull's downloads; we hold the lock
-        store.clear_stale(final)
+        store.clear_stale(final)  # before measuring: a killed run's staging is space this pull can use
         check_space(spec, tmp_root, shutil.disk_usage(tmp_root).free)
         with tempfile.TemporaryDirectory(dir=tmp_root, prefix=f"pull-{spec.name}-") as tmp:
             wheels = download(spec, Path(tmp), log)
