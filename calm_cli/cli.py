@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import uuid
 from pathlib import Path
@@ -235,12 +236,12 @@ def route(question: str, model_name: str | None, max_tokens: int | None, tempera
         sys.stdout.flush()
 
     record = calm.answer(request, on_text=None if as_json else stream)
+    if not as_json and record["error"] is None:
+        click.echo()  # end the streamed answer's line before anything else is printed
     if explain and record["routing"]:
         _explain(record)
     if as_json:
         click.echo(json.dumps(record, ensure_ascii=False))
-    elif record["error"] is None:
-        click.echo()
     if record["error"] is not None:
         _fail(f"{record['error']['code']}: {record['error']['message']}",
               EXIT_USAGE if record["error"]["code"] in ("bad_request", "prompt_too_long") else EXIT_FAILED)
@@ -263,7 +264,8 @@ def _explain(record: dict) -> None:
 def batch(source, output: str | None, resume: bool, policy_path: str | None) -> None:
     """Answer a JSONL file of requests (SOURCE, default stdin): one record line per input line, in order.
 
-    Exit 0 when every line got an answer, 3 when some lines got error records, 1 on a fatal error.
+    Exit 0 when every line got an answer, 3 when some lines got error records, 1 on a fatal error, 128 + the
+    signal's number when SIGINT or SIGTERM stopped it (every line read still has its record).
     """
     from calm_cli.serving import EXIT_SOME_FAILED, run_batch
 
@@ -276,12 +278,16 @@ def batch(source, output: str | None, resume: bool, policy_path: str | None) -> 
         click.echo(f"\rbatch: {done}/{total} lines", err=True, nl=done == total)
 
     try:
-        ok, failed = run_batch(calm, source, output, out, resume, progress)
+        result = run_batch(calm, source.fileno(), output, out, resume, progress)
     finally:
         if output:
             out.close()
-    click.echo(f"batch: {ok} answered, {failed} failed", err=True)
-    if failed:
+    click.echo(f"batch: {result.answered} answered, {result.failed} failed", err=True)
+    if result.interrupted_by is not None:
+        _echo_err(f"batch: stopped by {signal.Signals(result.interrupted_by).name}: {result.refused} line(s) got an "
+                  "'unavailable' record" + ("; run again with --resume to answer them" if output else ""))
+        sys.exit(128 + result.interrupted_by)
+    if result.failed:
         sys.exit(EXIT_SOME_FAILED)
 
 
@@ -295,9 +301,8 @@ def serve_stdin(policy_path: str | None) -> None:
     from calm_cli.serving import serve
 
     calm = _calm(policy_path)
-    _echo_err(f"calm: serving policy {calm.policy.name}; one JSON request per line")
-    answered = serve(calm, sys.stdin.buffer, sys.stdout)
-    _echo_err(f"calm: {answered} request(s) answered, bye")
+    answered = serve(calm, sys.stdin.fileno(), sys.stdout, _echo_err)
+    _echo_err(f"calm: {answered} record(s) written, bye")
 
 
 @main.command("profile")
