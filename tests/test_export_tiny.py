@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 from calm_cli.engine.generate import Decoder, PromptError  # noqa: E402
 from calm_cli.engine.sampling import Sampling  # noqa: E402
 from calm_cli.fleet.export_worker import _optimum_export  # noqa: E402
+from conftest import expected_provider  # noqa: E402
 from tiny_models import EOS, save_tokenizer, tiny_model  # noqa: E402
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3"])
@@ -128,7 +129,8 @@ def test_streamed_pieces_join_to_the_record_text(exported) -> None:
     done = decoder.complete("xyz", 25, on_text=pieces.append)
     assert "".join(pieces) == done.text
     assert done.tokens_out == len(done.logprobs) and done.tokens_in == 3
-    assert done.energy_estimated and done.energy_j >= 0 and done.provider == "CPUExecutionProvider"
+    assert done.provider == expected_provider() and done.energy_j >= 0
+    assert done.energy_estimated == (done.provider != "CUDAExecutionProvider")  # NVML measures on a GPU
     assert 0.0 <= done.confidence <= 1.0
 
 

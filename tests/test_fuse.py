@@ -17,13 +17,14 @@ gguf = pytest.importorskip("gguf")
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q  # noqa: E402
+from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from calm_cli.engine.generate import Decoder  # noqa: E402
 from calm_cli.engine.session import FUSED_GRAPH  # noqa: E402
 from calm_cli.fleet import fuse  # noqa: E402
 from calm_cli.fleet.export_worker import _optimum_export  # noqa: E402
 from calm_cli.fleet.int4 import quantize_from_gguf  # noqa: E402
+from gguf_fixtures import random_blocks  # noqa: E402
 from tiny_models import EOS, save_tokenizer, tiny_model  # noqa: E402
 
 GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3"}
@@ -31,19 +32,8 @@ GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3"}
 # gate Q4_0 (default zero point, no mins) with up Q4_1 (zero points and mins) concatenate; 8-bit downs.
 TYPES = {"q_proj": Q.Q4_1, "k_proj": Q.Q4_1, "o_proj": Q.Q4_0, "gate_proj": Q.Q4_0, "up_proj": Q.Q4_1,
          "down_proj": Q.Q5_1}
-FP16_FIELDS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_1: (0, 2), Q.Q8_0: (0,)}
 GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
-
-
-def _random_blocks(rng: np.random.Generator, qtype: Q, rows: int, cols: int) -> np.ndarray:
-    """Valid random GGUF blocks [rows, bytes per row]: random codes, small finite fp16 scales and mins."""
-    block, size = GGML_QUANT_SIZES[qtype]
-    raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
-    for off in FP16_FIELDS[qtype]:
-        values = (rng.standard_normal((rows, cols // block)) * 0.02).astype(np.float16)
-        raw[..., off:off + 2] = values.view(np.uint8).reshape(rows, cols // block, 2)
-    return raw.reshape(rows, -1)
 
 
 def _quantize_into_gguf(model, arch: str, path: Path) -> None:
@@ -57,7 +47,7 @@ def _quantize_into_gguf(model, arch: str, path: Path) -> None:
 
     def put(name: str, module: torch.nn.Linear | torch.nn.Embedding, qtype: Q) -> None:
         rows, cols = module.weight.shape
-        raw = _random_blocks(rng, qtype, rows, cols)
+        raw = random_blocks(rng, qtype, rows, cols, scale=0.02)
         writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
         with torch.no_grad():
             module.weight.copy_(torch.from_numpy(gguf.quants.dequantize(raw, qtype).astype(np.float32)))

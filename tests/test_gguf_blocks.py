@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
+from gguf_fixtures import random_blocks
 from calm_cli.fleet.gguf_blocks import (
     SUPPORTED_TYPES,
     QuantBlocks,
@@ -16,17 +17,6 @@ from calm_cli.fleet.gguf_blocks import (
     llama_unpermute_rows,
 )
 
-# Byte offsets of the fp16 fields (d, and m/dmin) inside one block of each type.
-FP16_FIELDS = {
-    Q.Q4_0: (0,),
-    Q.Q4_1: (0, 2),
-    Q.Q5_0: (0,),
-    Q.Q5_1: (0, 2),
-    Q.Q8_0: (0,),
-    Q.Q4_K: (0, 2),
-    Q.Q5_K: (0, 2),
-    Q.Q6_K: (208,),
-}
 # gguf-py implements quantize() for these; the K-quants only have dequantize().
 GGUF_PY_QUANTIZES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0)
 EXPECTED = {  # (bits, block_size, zero_point or "mins")
@@ -39,17 +29,6 @@ EXPECTED = {  # (bits, block_size, zero_point or "mins")
     Q.Q5_K: (8, 32, "mins"),
     Q.Q6_K: (8, 16, 32),
 }
-
-
-def random_blocks(rng: np.random.Generator, qtype: Q, rows: int, cols: int) -> np.ndarray:
-    """Valid random raw blocks [rows, bytes_per_row]: random bytes with finite fp16 fields."""
-    blk, type_size = GGML_QUANT_SIZES[qtype]
-    nb = cols // blk
-    raw = rng.integers(0, 256, size=(rows, nb, type_size), dtype=np.uint8)
-    for off in FP16_FIELDS[qtype]:
-        v = (rng.standard_normal((rows, nb)) * 0.01).astype(np.float16)
-        raw[..., off : off + 2] = v.view(np.uint8).reshape(rows, nb, 2)
-    return raw.reshape(rows, nb * type_size)
 
 
 def _formula(qb: QuantBlocks) -> np.ndarray:

@@ -12,31 +12,13 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from onnx import TensorProto, helper, numpy_helper
 
+from gguf_fixtures import FP16_FIELDS, random_blocks
 from calm_cli.fleet.gguf_blocks import decode_blocks, llama_unpermute_rows
 from calm_cli.fleet.int4 import GGUFWeightMismatch, quantize_from_gguf, to_matmulnbits
 
 IR_VERSION = 10  # onnx 1.23 writes 14 by default; onnxruntime 1.31 reads up to 13
 HIDDEN, FFN, N_HEAD, N_HEAD_KV = 256, 512, 4, 2
 HEAD_DIM = HIDDEN // N_HEAD
-
-FP16_FIELDS = {
-    Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2),
-    Q.Q8_0: (0,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,),
-}
-
-
-def random_blocks(rng: np.random.Generator, qtype: Q, rows: int, cols: int) -> np.ndarray:
-    """Valid random raw blocks [rows, bytes_per_row] (random bytes, finite fp16 fields)."""
-    blk, type_size = GGML_QUANT_SIZES[qtype]
-    nb = cols // blk
-    raw = rng.integers(0, 256, size=(rows, nb, type_size), dtype=np.uint8)
-    for i, off in enumerate(FP16_FIELDS[qtype]):
-        v = rng.standard_normal((rows, nb)) * 0.01
-        if i == 0 and qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
-            v = np.abs(v)  # llama.cpp's super-block scales are non-negative
-        raw[..., off : off + 2] = v.astype(np.float16).view(np.uint8).reshape(rows, nb, 2)
-    return raw.reshape(rows, nb * type_size)
-
 
 # (onnx module, gguf tensor, type, rows N, cols K, which graph input feeds it)
 LAYOUT = [

@@ -164,8 +164,9 @@ def test_health_statistics_and_violations() -> None:
     rows = [_obs(100 + 10 * i) for i in range(10)] + [_obs(0, error="model_failed")]
     h = analyze.health("m", rows, {"latency_p95_ms": 150, "energy_j_per_query": 1.0})
     assert h.n == 10 and h.errors == 1 and h.error_rate == pytest.approx(1 / 11)
-    assert h.latency_p50_ms == pytest.approx(np.percentile([100 + 10 * i for i in range(10)], 50))
-    assert h.ms_per_token == pytest.approx(np.median([(100 + 10 * i - 50) / 10 for i in range(10)]))
+    assert h.latency_p50_ms == pytest.approx(145.0)  # latencies 100..190: the median lies between 140 and 150
+    assert h.latency_p95_ms == pytest.approx(185.5)  # 95th percentile, linear between 180 and 190
+    assert h.ms_per_token == pytest.approx(9.5)  # (latency - 50 ms TTFT) / 10 tokens = 5..14 ms: median 9.5
     assert len(h.violations) == 2
 
 

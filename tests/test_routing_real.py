@@ -12,6 +12,7 @@ from calm_cli.cli import main
 from calm_cli.engine.embed import Encoder
 from calm_cli.knowledge import KnowledgeBase
 from calm_cli.orchestrator import Calm
+from conftest import expected_provider
 
 pytestmark = pytest.mark.fleet
 
@@ -46,7 +47,9 @@ def test_a_routed_answer_is_right_and_explained(calm: Calm) -> None:
     assert record["error"] is None and record["model"] == "qwen2.5-coder-0.5b"
     assert "56" in record["answer"]
     assert record["routing"]["candidates"][0]["model"] == "qwen2.5-coder-0.5b"
-    assert record["metrics"]["provider"] == "CPUExecutionProvider" and record["metrics"]["energy_estimated"]
+    provider = record["metrics"]["provider"]
+    assert provider == expected_provider()
+    assert record["metrics"]["energy_estimated"] == (provider != "CUDAExecutionProvider")
 
 
 def _learned_calm(tmp_path, store, escalation: dict) -> tuple[Calm, list[str]]:
