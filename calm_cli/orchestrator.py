@@ -34,6 +34,10 @@ class Unavailable(RuntimeError):
     """A model the policy needs has no export (or the encoder is missing)."""
 
 
+class ModelLoadError(RuntimeError):
+    """A member's export exists but cannot be loaded (a damaged or foreign file): fall back, count it."""
+
+
 class ModelsFailed(RuntimeError):
     """Every candidate member failed (the message names each failure)."""
 
@@ -105,7 +109,13 @@ class Calm:
                           f"run `calm models export {name}`")
 
     def _load(self, name: str) -> Decoder:
-        return Decoder(self._export_dir(name))
+        directory = self._export_dir(name)
+        try:
+            return Decoder(directory)
+        except MemoryError:
+            raise
+        except Exception as exc:  # onnxruntime's errors (InvalidProtobuf, Fail...) derive from Exception only
+            raise ModelLoadError(f"cannot load {directory}: {str(exc)[:300]}") from exc
 
     def _weights_mb(self, name: str) -> float:
         directory = self._export_dir(name)
@@ -233,11 +243,16 @@ class Calm:
         runs = [first]
         escalation = (self.planner.escalation(query_vec, first.model, first.confidence, self.calibration)
                       if may_escalate and first.model != esc.model else None)
+        escalation_failed = None
         if escalation is not None and escalation.escalate:
             try:
                 runs.append(self._execute(esc, work, stream))
             except (CacheError, Unavailable, RuntimeError, MemoryError) as exc:
-                self.log(f"escalation to {esc.model} failed, keeping {first.model}'s answer: {exc}")
+                escalation_failed = f"escalation to {esc.model} failed, kept {first.model}'s answer: {exc}"
+                self.log(escalation_failed)
+                self.kb.record(monitor.failure_observation(
+                    esc.model, request_id=request_id, policy=self.policy.name, domain=domain, code="model_failed",
+                    latency_ms=(time.perf_counter() - started) * 1000, load_ms=0.0, provider="unknown"))
         for i, run in enumerate(runs):
             self.kb.record(monitor.observation(
                 run, request_id=request_id, policy=self.policy.name, domain=domain, queue_ms=queue_ms,
@@ -245,6 +260,8 @@ class Calm:
         reason = decision.reason
         if len(runs) > 1:
             reason += f"; escalated to {esc.model}: {escalation.reason}"
+        elif escalation_failed:
+            reason += f"; {escalation.reason}; {escalation_failed}"
         return Served(decision, runs, reason, fallback_from, routing_ms, (time.perf_counter() - started) * 1000,
                       streamed=stream and (runs[-1] is not first or not may_escalate or first.model == esc.model))
 
