@@ -252,8 +252,15 @@ def _explain(record: dict) -> None:
     rows = [[c["model"], c["score"], c.get("semantic"), c.get("quality"), c.get("latency_ms"), c.get("energy_j"),
              c.get("memory_mb"), c.get("load_ms"), c.get("filtered_by") or ""] for c in routing["candidates"]]
     click.echo(tabulate(rows, headers=["model", "score", "semantic", "quality", "pred ms", "pred J", "MB", "load ms",
-                                       "filtered by"], floatfmt=".3f"), err=True)
+                                       "filtered by"], floatfmt=".3f", missingval="-"), err=True)
     click.echo(f"chose {record['model']}: {routing['reason']}", err=True)
+    unmeasured = [c["model"] for c in routing["candidates"] if c.get("latency_ms") is None]
+    unlearned = [c["model"] for c in routing["candidates"] if c.get("quality") is None]
+    if unmeasured or unlearned:
+        terms = ([f"quality of {', '.join(unlearned)} (no calibration items)"] if unlearned else []) + \
+                ([f"latency and energy of {', '.join(unmeasured)} (no profile or recent runs)"] if unmeasured else [])
+        click.echo(f"not calibrated yet: {'; '.join(terms)}; those terms count as 0 in the score: run `calm profile`",
+                   err=True)
 
 
 @main.command()

@@ -47,8 +47,8 @@ class Candidate:
     score: float | None
     semantic: float
     quality: float | None
-    latency_ms: float
-    energy_j: float
+    latency_ms: float | None  # None: nothing measured yet (no profile, no recent runs), not 0 ms
+    energy_j: float | None
     memory_mb: float
     load_ms: float
     filtered_by: str | None = None
@@ -145,7 +145,8 @@ class Planner:
             score = (w["semantic"] * semantic[m.model] + w["quality"] * (quality or 0.0)
                      - w["latency"] * p.latency_ms / lat_scale - w["energy"] * p.energy_j / j_scale
                      - w["memory"] * p.memory_mb / budget - w["load"] * p.load_ms / lat_scale)
-            c = Candidate(m.model, score, semantic[m.model], quality, p.latency_ms, p.energy_j, p.memory_mb, p.load_ms)
+            c = Candidate(m.model, score, semantic[m.model], quality, p.latency_ms if p.known else None,
+                          p.energy_j if p.known else None, p.memory_mb, p.load_ms)
             c.filtered_by = self._violation(c, p)
             candidates.append(c)
         allowed = [c for c in candidates if c.filtered_by is None]
@@ -166,8 +167,10 @@ class Planner:
     def larger_candidate(self, query: np.ndarray, prediction: Prediction, quality: float | None) -> Candidate:
         """The larger member as a candidate of a direct route, so the record explains it like any other."""
         larger = self.policy.escalation_member
-        return Candidate(larger.model, None, self.semantic(query)[larger.model], quality, prediction.latency_ms,
-                         prediction.energy_j, prediction.memory_mb, prediction.load_ms)
+        known = prediction.known
+        return Candidate(larger.model, None, self.semantic(query)[larger.model], quality,
+                         prediction.latency_ms if known else None, prediction.energy_j if known else None,
+                         prediction.memory_mb, prediction.load_ms)
 
     def _larger_quality(self, query: np.ndarray, calibration) -> float | None:
         larger = self.policy.escalation_member

@@ -160,7 +160,7 @@ def predicted_ms(calm: Calm, job: Job) -> float:
         return 0.0  # forced: nothing to plan
     decision = calm.plan(calm.encoder.embed([job.request["query"]])[0])
     chosen = next(c for c in decision.candidates if c.model == decision.model)
-    return chosen.latency_ms + chosen.load_ms
+    return (chosen.latency_ms or 0.0) + chosen.load_ms  # nothing measured yet: its load is all we know
 
 
 def refusal(job: Job) -> dict:

@@ -244,3 +244,15 @@ def test_serve_stdin_reads_lines_split_across_writes(tiny_env: dict) -> None:
         time.sleep(0.3)  # each piece arrives in its own read
     out, _ = proc.communicate(timeout=120)
     assert [r["id"] for r in records(out)] == ["split"]
+
+
+def test_route_explain_on_a_fresh_install_says_what_is_not_calibrated(tiny_env: dict) -> None:
+    result = calm(tiny_env, "route", "--explain", "--max-tokens", "3", "--policy", str(POLICIES / "default.yaml"),
+                  "Hello there")
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.endswith(b"\n")  # the streamed answer ends its line before the table starts
+    err = result.stderr.decode()
+    assert "not calibrated yet: quality of" in err and "run `calm profile`" in err
+    table = [line for line in err.splitlines() if line.startswith(("smollm2", "gemma3", "qwen"))]
+    assert table and all(" - " in line for line in table)  # no 0.000 ms or J standing for "unknown"
+    assert "0.000" not in "\n".join(table)

@@ -235,7 +235,7 @@ def run_arrivals(calm: Calm, items: list[tasks.Item], rule: str, rate: float, se
             item = items[released]
             decision = calm.plan(calm.encoder.embed([item.query])[0])
             chosen = next(c for c in decision.candidates if c.model == decision.model)
-            queue.put(released, chosen.latency_ms + chosen.load_ms)
+            queue.put(released, (chosen.latency_ms or 0.0) + chosen.load_ms)
             released += 1
         if not len(queue):
             time.sleep(max(0.0, arrivals[released] - now))
