@@ -190,13 +190,16 @@ def _policy(path: str | None):
 
 
 def _calm(policy_path: str | None, quiet: bool = False):
-    """The process's one MAPE-K loop, or a clear exit when something it needs is missing."""
-    from calm_cli.knowledge import KnowledgeBase, KnowledgeError
+    """The process's one MAPE-K loop, or a clear exit when something it needs is missing. A knowledge base
+    that cannot serve does not stop it: the loop answers in degraded mode (see calm_cli.knowledge), said once on
+    stderr (whatever `quiet`) and in every record."""
+    from calm_cli.knowledge import KnowledgeBase
     from calm_cli.orchestrator import Calm, Unavailable
 
     try:
-        return Calm(_policy(policy_path), _store(), KnowledgeBase(), log=(lambda m: None) if quiet else _echo_err)
-    except (Unavailable, KnowledgeError) as exc:
+        return Calm(_policy(policy_path), _store(), KnowledgeBase(on_degraded=_echo_err),
+                    log=(lambda m: None) if quiet else _echo_err)
+    except Unavailable as exc:
         _fail(str(exc))
 
 
@@ -407,13 +410,17 @@ def _kb():
 @kb_group.command("show")
 def kb_show() -> None:
     """Model profiles and per-domain quality."""
-    kb = _kb()
-    profiles = kb.profiles()
+    from calm_cli.knowledge import KnowledgeError
+
+    try:
+        with _kb() as kb:
+            profiles, quality = kb.profiles(), kb.domain_quality()
+    except KnowledgeError as exc:
+        _fail(str(exc))
     keys = ["model", "precision", "provider", "load_ms", "ttft_ms", "tokens_per_s", "joules_per_token",
             "memory_mb", "energy_estimated", "n_samples"]
     click.echo(tabulate([[p.get(k) for k in keys] for p in profiles], headers=keys, floatfmt=".2f")
                if profiles else "no profiles yet: run `calm profile`")
-    quality = kb.domain_quality()
     if quality:
         click.echo()
         click.echo(tabulate([[m, d, q, n] for (m, d), (q, n) in sorted(quality.items(), key=str)],
@@ -423,12 +430,18 @@ def kb_show() -> None:
 @kb_group.command("stats")
 @click.option("--json", "as_json", is_flag=True)
 def kb_stats(as_json: bool) -> None:
-    """Row counts and per-model latency, energy and error rate."""
-    stats = _kb().stats()
+    """Row counts and per-model latency, energy and error rate; the file's integrity is checked too."""
+    from calm_cli.knowledge import KnowledgeError
+
+    try:
+        with _kb() as kb:
+            stats = kb.stats()
+    except KnowledgeError as exc:
+        _fail(str(exc))
     if as_json:
         click.echo(json.dumps(stats, indent=2, default=str))
         return
-    click.echo(f"{stats['path']} (schema v{stats['schema_version']}, {stats['file_bytes']} bytes)")
+    click.echo(f"{stats['path']} (schema v{stats['schema_version']}, {stats['file_bytes']} bytes, integrity ok)")
     click.echo(tabulate(sorted(stats["rows"].items()), headers=["table", "rows"]))
     models = stats.get("models", {})
     if models:
@@ -442,18 +455,43 @@ def kb_stats(as_json: bool) -> None:
 @click.argument("target", type=click.File("w"), default="-")
 def kb_export(target) -> None:
     """Every row of every table as JSON Lines (TARGET, default stdout)."""
-    n = _kb().export(target)
+    from calm_cli.knowledge import KnowledgeError
+
+    try:
+        with _kb() as kb:
+            n = kb.export(target)
+    except KnowledgeError as exc:
+        _fail(str(exc))
     click.echo(f"kb: {n} rows exported", err=True)
 
 
 @kb_group.command("reset")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def kb_reset(yes: bool) -> None:
-    """Delete every row (profiles, observations, calibration); the schema stays."""
+    """Delete every row (profiles, observations, calibration); the schema stays.
+
+    A file that cannot serve (damaged, someone else's, from a newer calm, a directory) is not deleted: it is
+    moved aside to <file>.damaged-<time>, with its -wal and -shm, and a fresh knowledge base is made."""
+    from calm_cli.knowledge import KnowledgeBase, KnowledgeError, start_over
+
     if not yes:
-        click.confirm("Delete everything calm has learned?", abort=True)
-    _kb().reset()
-    click.echo("kb: reset", err=True)
+        question = "Delete everything calm has learned?"
+        try:
+            KnowledgeBase().close()
+        except KnowledgeError as exc:
+            if not exc.resettable:
+                _fail(str(exc))
+            question = f"{exc.path}: {exc.problem}. Move it aside and start a fresh knowledge base?"
+        click.confirm(question, abort=True)
+    try:
+        outcome = start_over()
+    except KnowledgeError as exc:
+        _fail(str(exc))
+    if outcome is None:
+        click.echo("kb: reset", err=True)
+    else:
+        backup, problem = outcome
+        click.echo(f"kb: {problem}: kept the file as {backup}; started a fresh knowledge base", err=True)
 
 
 def _number(text: str, kind: type) -> float | int | None:

@@ -4,17 +4,35 @@ Several calm processes may share the file at once (a `calm serve` beside a `calm
 each opens its own connection, the file is in WAL mode so readers never wait for writers, every write is a
 short BEGIN IMMEDIATE transaction (so two writers never deadlock upgrading a read lock), and waiting for a
 lock is left to SQLite's busy timeout.
+
+A file that cannot serve (not SQLite, damaged pages, truncated, a table or column missing, someone else's
+database, a newer schema, a directory in its place) is refused with a one-line KnowledgeError naming the file,
+what is wrong and what to do; so is every SQLite failure of a later call. Opening checks only what is cheap
+(the header, the schema version, every table and column: about 1 ms whatever the size); damaged data pages are
+found by the call that reads them, and `stats` and `reset` run SQLite's quick_check (O(size): about 0.6 s
+for a million observations, 120 MB).
+A value that does not fit its column (text in a number column: a row written by something else) is refused,
+not skipped, naming the table, column and value: silently leaving rows out would change what calm learns.
+
+Degraded mode (the serving commands): a KnowledgeBase made with `on_degraded` never fails for the file's
+sake. When the file cannot be opened, or a later call fails (damage found mid-run, disk full, the file deleted
+or replaced, a lock held past the busy timeout), it switches for the rest of the process to an in-memory
+store with the same schema, tells `on_degraded` why (once), and retries the call there: requests go on being
+answered and learning goes on for the process, but nothing learned is kept. `degraded` then holds the reason,
+which every record carries as its top-level "knowledge" field ("degraded: <reason>").
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import sqlite3
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, TextIO
+from typing import Any, Callable, Iterable, Iterator, TextIO, TypeVar
 
 import numpy as np
 
@@ -104,10 +122,166 @@ CALIBRATION_DEFAULTS: dict[str, Any] = {"domain": None, "latency_ms": None, "ene
                                         "confidence": None, "ts": None}
 _BOOLEANS = {"observations": ("energy_estimated", "cache_hit"), "profiles": ("energy_estimated",)}
 _EMBEDDING = np.dtype("<f4")  # fixed byte order so a file moves between machines
+# The SQLite storage classes a column of each declared type may hold (besides NULL), and their Python types.
+_STORAGE = {"INTEGER": ("integer", "real"), "REAL": ("integer", "real"), "TEXT": ("text",), "BLOB": ("blob",)}
+_PYTHON = {"integer": int, "real": float, "text": str, "blob": bytes}
+
+
+@functools.cache
+def schema_at(version: int) -> dict[str, dict[str, str]]:
+    """Each table's columns and declared types as the first `version` MIGRATIONS make them: what a file of
+    that schema version must have."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        for step in MIGRATIONS[:version]:
+            for statement in step:
+                conn.execute(statement)
+        found = {t: {row[1]: row[2] for row in conn.execute(f"PRAGMA table_info({t})")} for t in TABLES}
+        return {t: columns for t, columns in found.items() if columns}
+    finally:
+        conn.close()
+
+
+COLUMNS = schema_at(len(MIGRATIONS))
+
+
+def reset_remedy(path: Path) -> str:
+    """The way out of an unusable file, said the same way by every message."""
+    return (f"run `calm kb reset --yes` (it keeps the file as {path.name}.damaged-<time> beside it and starts a "
+            "fresh one)")
 
 
 class KnowledgeError(RuntimeError):
-    """The file cannot serve as calm's knowledge base (not SQLite, someone else's, or from a newer calm)."""
+    """The knowledge base file cannot be used; the message is one line: the file, what is wrong, what to do.
+
+    `resettable` says whether `calm kb reset` is the remedy (it sets an unusable file aside and starts a fresh
+    one); it is not for a lock, a full disk or permissions, which a fresh file would not escape.
+    """
+
+    def __init__(self, path: Path, problem: str, remedy: str | None = None, resettable: bool = True):
+        self.path, self.problem, self.resettable = path, problem, resettable
+        self.remedy = remedy or reset_remedy(path)
+        super().__init__(f"{path}: {problem}; {self.remedy}")
+
+
+def _moved(path: Path) -> KnowledgeError:
+    return KnowledgeError(path, "the file was deleted, moved or replaced while calm had it open",
+                          "run calm again to use the file now at that path", resettable=False)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file is at `path` now (device, inode); None when none is."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _sqlite_error(path: Path, exc: sqlite3.DatabaseError, busy_timeout_s: float) -> KnowledgeError:
+    """What a SQLite failure means for calm's user, by SQLite's error code."""
+    name = getattr(exc, "sqlite_errorname", "")
+    what = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return KnowledgeError(path, f"{what} (another process held it for over {busy_timeout_s:g} s)",
+                              "try again once the other calm process is done with it", resettable=False)
+    if name == "SQLITE_FULL":
+        return KnowledgeError(path, what, "free some disk space", resettable=False)
+    if name == "SQLITE_READONLY_DBMOVED":
+        return _moved(path)
+    if name.startswith(("SQLITE_READONLY", "SQLITE_PERM", "SQLITE_CANTOPEN", "SQLITE_AUTH")):
+        return KnowledgeError(path, what, "check that calm may read and write the file and its directory",
+                              resettable=False)
+    if name.startswith("SQLITE_IOERR"):
+        return KnowledgeError(path, f"{what} (a disk I/O error)",
+                              f"check the disk; if the file itself is damaged, {reset_remedy(path)}",
+                              resettable=False)
+    return KnowledgeError(path, f"the file is damaged: {what}")
+
+
+def _misfit(path: Path, table: str, row: dict, where: str = "") -> KnowledgeError | None:
+    """A value that does not fit its column's declared type (text in a number column...): a foreign row."""
+    columns = COLUMNS[table]
+    for name, value in row.items():
+        declared = columns.get(name)
+        if value is None or declared is None:
+            continue
+        if not isinstance(value, tuple(_PYTHON[s] for s in _STORAGE[declared])):
+            return KnowledgeError(path, f"{table}{where}: column {name} ({declared}) holds "
+                                        f"{type(value).__name__} {repr(value)[:40]}, a row calm did not write")
+        if name == "embedding" and len(value) % _EMBEDDING.itemsize:
+            return KnowledgeError(path, f"{table}{where}: an embedding of {len(value)} bytes, not float32s, "
+                                        "a row calm did not write")
+    return None
+
+
+def set_aside(path: Path) -> Path:
+    """Move an unusable knowledge base (and its -wal and -shm) to <name>.damaged-<time> beside it; returns that."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    backup, n = path.with_name(f"{path.name}.damaged-{stamp}"), 1
+    while backup.exists():
+        n += 1
+        backup = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+    for suffix in ("", "-wal", "-shm"):  # sqlite opens <backup> with <backup>-wal, so they move together
+        source = path.with_name(path.name + suffix)
+        if source.exists():
+            os.rename(source, backup.with_name(backup.name + suffix))
+    return backup
+
+
+def start_over(path: Path | None = None) -> tuple[Path, str] | None:
+    """Empty the knowledge base (`calm kb reset`). A file that cannot serve is not deleted but set aside, and a
+    fresh one made: returns where it went and what was wrong (None when the file was fine and only emptied)."""
+    path = Path(path) if path is not None else default_path()
+    try:
+        with KnowledgeBase(path) as kb:
+            kb.reset()
+        return None
+    except KnowledgeError as exc:
+        if not exc.resettable:
+            raise
+        problem = exc.problem
+    try:
+        backup = set_aside(path)
+    except OSError as exc:
+        raise KnowledgeError(path, f"cannot move it aside: {exc.strerror or exc}",
+                             "check the permissions of its directory, or move it away by hand",
+                             resettable=False) from exc
+    KnowledgeBase(path).close()
+    return backup, problem
+
+
+_T = TypeVar("_T")
+
+
+def _guarded(retry: bool = True) -> Callable[[Callable[..., _T]], Callable[..., _T]]:
+    """Every SQLite failure of a call becomes a KnowledgeError; in degraded mode (`on_degraded`) the call
+    switches to the in-memory store and, with `retry`, runs again there. A constraint violation
+    (IntegrityError) or misuse (ProgrammingError) is the caller's bad data, never the file's: it passes."""
+
+    def decorate(method: Callable[..., _T]) -> Callable[..., _T]:
+        @functools.wraps(method)
+        def call(self: KnowledgeBase, *args: Any, **kwargs: Any) -> _T:
+            try:
+                return method(self, *args, **kwargs)
+            except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
+                raise
+            except sqlite3.DatabaseError as exc:
+                error = _sqlite_error(self.path, exc, self.busy_timeout_s)
+                error.__cause__ = exc
+            except KnowledgeError as exc:
+                error = exc
+            if self._on_degraded is None or self.degraded is not None:
+                raise error
+            self.close()
+            self._degrade(error)
+            if not retry:
+                raise error
+            return method(self, *args, **kwargs)
+
+        return call
+
+    return decorate
 
 
 @dataclass(frozen=True)
@@ -145,30 +319,71 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 class KnowledgeBase:
-    """One process's connection to the knowledge base file; opening it creates or migrates the schema."""
+    """One process's connection to the knowledge base file; opening it creates or migrates the schema.
 
-    def __init__(self, path: Path | None = None):
+    Without `on_degraded` a file that cannot serve raises KnowledgeError (the `calm kb` commands, profile,
+    bench); with it, the base degrades to memory instead (the serving commands; see the module docstring).
+    """
+
+    def __init__(self, path: Path | None = None, *, on_degraded: Callable[[str], None] | None = None,
+                 busy_timeout_s: float = BUSY_TIMEOUT_S):
         self.path = Path(path) if path is not None else default_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-        self._conn.row_factory = sqlite3.Row
+        self.busy_timeout_s = busy_timeout_s
+        self.degraded: str | None = None  # why this process works on an in-memory store instead of the file
+        self._identity: tuple[int, int] | None = None  # the file opened, to see it replaced under us
+        self._on_degraded = on_degraded
         try:
+            self._open_file()
+        except KnowledgeError as exc:
+            if on_degraded is None:
+                raise
+            self._degrade(exc)
+
+    def _connect(self, target: Path | str) -> sqlite3.Connection:
+        conn = sqlite3.connect(target, timeout=self.busy_timeout_s, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def _open_file(self) -> None:
+        if self.path.is_dir():
+            raise KnowledgeError(self.path, "a directory is where the knowledge base file should be")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KnowledgeError(self.path, f"cannot make its directory: {exc.strerror or exc}",
+                                 "check CALM_DATA_DIR and its permissions", resettable=False) from exc
+        try:
+            self._conn = self._connect(self.path)
+        except sqlite3.DatabaseError as exc:
+            raise _sqlite_error(self.path, exc, self.busy_timeout_s) from exc
+        try:
+            self._check_schema()  # before anything is written: WAL mode alone would rewrite someone else's file
             self._conn.execute("PRAGMA journal_mode = WAL")
             self._conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable but for a power cut
             self._conn.execute("PRAGMA foreign_keys = ON")
             self._migrate()
+            self._check_schema()
+            self._identity = _identity(self.path)
         except sqlite3.DatabaseError as exc:
             self._conn.close()
             if getattr(exc, "sqlite_errorname", "") == "SQLITE_NOTADB":
-                raise KnowledgeError(f"{self.path} is not an SQLite database, so not a calm knowledge base; "
-                                     "move it away or set CALM_DATA_DIR elsewhere") from exc
-            raise
+                raise KnowledgeError(self.path, "not an SQLite database, so not a calm knowledge base") from exc
+            raise _sqlite_error(self.path, exc, self.busy_timeout_s) from exc
         except BaseException:
             self._conn.close()
             raise
 
+    def _degrade(self, error: KnowledgeError) -> None:
+        """Go on in memory for the rest of the process: same schema, nothing kept."""
+        self.degraded, self._identity = str(error), None
+        self._conn = self._connect(":memory:")
+        self._migrate()
+        assert self._on_degraded is not None
+        self._on_degraded(f"calm: degraded mode, answering without keeping what is learned: {error}")
+
     def close(self) -> None:
-        self._conn.close()
+        with suppress(sqlite3.Error):  # closing a connection to a failing file may fail too; it is gone anyway
+            self._conn.close()
 
     def __enter__(self) -> KnowledgeBase:
         return self
@@ -181,11 +396,15 @@ class KnowledgeBase:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction that takes the lock up front, so it waits (busy timeout) rather than fails."""
+        # In WAL mode SQLite goes on writing to a file deleted or replaced under it (SQLITE_READONLY_DBMOVED
+        # only guards rollback journals): what is learned would vanish unseen, so check it is still there.
+        if self._identity is not None and _identity(self.path) != self._identity:
+            raise _moved(self.path)
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             yield self._conn
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            self._rollback()
             raise
         self._conn.execute("COMMIT")
 
@@ -195,17 +414,25 @@ class KnowledgeBase:
         self._conn.execute("BEGIN")
         try:
             yield self._conn
-        finally:
-            self._conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        self._conn.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        # The error in hand says what went wrong; a failing file may fail the rollback too (SQLite then has
+        # rolled back itself), and that second error must not replace the first.
+        with suppress(sqlite3.Error):
+            self._conn.execute("ROLLBACK")
 
     def _version(self) -> int:
         return self._conn.execute("PRAGMA user_version").fetchone()[0]
 
     def _refuse_newer(self, version: int) -> None:
         if version > len(MIGRATIONS):
-            raise KnowledgeError(f"{self.path} has knowledge base schema version {version}, but this calm knows "
-                                 f"only up to version {len(MIGRATIONS)}: it was written by a newer calm; "
-                                 "upgrade calm or set CALM_DATA_DIR elsewhere")
+            raise KnowledgeError(self.path, f"knowledge base schema version {version}, but this calm knows only "
+                                            f"up to version {len(MIGRATIONS)}: it was written by a newer calm",
+                                 f"upgrade calm, set CALM_DATA_DIR elsewhere, or {reset_remedy(self.path)}")
 
     def _migrate(self) -> None:
         """Apply the missing MIGRATIONS steps, all in one transaction, so a file is never half-migrated."""
@@ -217,18 +444,60 @@ class KnowledgeBase:
             version = self._version()  # another process may have migrated while we waited for the lock
             self._refuse_newer(version)
             if version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-                raise KnowledgeError(f"{self.path} is an SQLite database but not a calm knowledge base "
-                                     "(it has tables but no calm schema version); move it away")
+                raise KnowledgeError(self.path, "an SQLite database but not a calm knowledge base (it has tables "
+                                                "but no calm schema version)")  # made while we waited
             for step in MIGRATIONS[version:]:
                 for statement in step:
                     conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
 
+    def _check_schema(self) -> None:
+        """The file is a calm knowledge base of the version it says: every table and column of that version is
+        there with its type. A newer calm's file, someone else's database (tables but no version, or a version
+        but not calm's tables) and a dropped table or column are refused at open, not at the first query that
+        needs them."""
+        version = self._version()
+        self._refuse_newer(version)
+        if version == 0 and self._conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise KnowledgeError(self.path, "an SQLite database but not a calm knowledge base (it has tables but "
+                                            "no calm schema version)")
+        for table, expected in schema_at(version).items():
+            found = {row[1]: row[2] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+            if not found:
+                raise KnowledgeError(self.path, f"table {table} is missing, so it is damaged or not calm's")
+            for column, declared in expected.items():
+                if found.get(column) != declared:
+                    what = "is missing" if column not in found else f"is {found[column] or 'untyped'}, not {declared}"
+                    raise KnowledgeError(self.path, f"column {table}.{column} {what}, so it is damaged or not calm's")
+
+    def _check_integrity(self, conn: sqlite3.Connection) -> None:
+        """SQLite's quick_check: every page of the file, O(size); for the maintenance commands only."""
+        found = [line for (text,) in conn.execute("PRAGMA quick_check(3)") for line in text.splitlines()
+                 if not line.startswith("*** in database")]
+        if found != ["ok"]:
+            raise KnowledgeError(self.path, f"the file is damaged: {'; '.join(found)}")
+
+    def _check_stored(self, conn: sqlite3.Connection, table: str, columns: Iterable[str]) -> None:
+        """Refuse the first row whose `columns` hold a value of the wrong type, before SQL aggregates it
+        (avg() would silently count text as 0)."""
+        columns = list(columns)
+        wrong = " OR ".join(f"typeof({c}) NOT IN ('null', {', '.join(repr(s) for s in _STORAGE[COLUMNS[table][c]])})"
+                            for c in columns)
+        row = conn.execute(f"SELECT rowid AS _rowid, {', '.join(columns)} FROM {table} WHERE {wrong} LIMIT 1"
+                           ).fetchone()
+        if row is not None:
+            error = _misfit(self.path, table, {c: row[c] for c in columns}, f" row {row['_rowid']}")
+            assert error is not None
+            raise error
+
     def _rows(self, table: str, cursor: sqlite3.Cursor) -> list[dict]:
-        """Rows as plain dicts: flags as bools and embeddings as numpy arrays."""
+        """Rows as plain dicts: flags as bools and embeddings as numpy arrays; a foreign value is refused."""
         out = []
         for row in cursor:
             d = dict(row)
+            error = _misfit(self.path, table, d)
+            if error is not None:
+                raise error
             for name in _BOOLEANS.get(table, ()):
                 if d.get(name) is not None:
                     d[name] = bool(d[name])
@@ -243,6 +512,7 @@ class KnowledgeBase:
         """Store one served request."""
         self.record_many([obs])
 
+    @_guarded()
     def record_many(self, observations: list[dict]) -> None:
         """Store many served requests in one transaction; nothing is stored if any of them is invalid."""
         for obs in observations:
@@ -253,6 +523,7 @@ class KnowledgeBase:
         with self._write() as conn:
             conn.executemany(sql, rows)
 
+    @_guarded()
     def recent(self, model: str, window: int = 200, since_ts: float | None = None) -> list[dict]:
         """The latest `window` observations of `model` (at or after `since_ts`), newest first, errors included."""
         sql = f"SELECT {', '.join(OBSERVATION_FIELDS)} FROM observations WHERE model = ?"
@@ -265,6 +536,7 @@ class KnowledgeBase:
 
     # -- profiles (`calm profile`) ------------------------------------------------------------------------
 
+    @_guarded()
     def upsert_profile(self, model: str, precision: str, provider: str, **metrics: Any) -> None:
         """Create or update the profile of (model, precision, provider); metrics not given keep their value."""
         _check_keys("profile", metrics, (), PROFILE_METRICS)
@@ -277,6 +549,7 @@ class KnowledgeBase:
                          f"{', '.join(f'{c} = excluded.{c}' for c in cols)}",
                          [model, precision, provider, *row.values()])
 
+    @_guarded()
     def profile(self, model: str, precision: str | None = None, provider: str | None = None) -> dict | None:
         """The most recently updated profile of `model` matching the precision and provider given."""
         sql, args = "SELECT * FROM profiles WHERE model = ?", [model]
@@ -287,11 +560,13 @@ class KnowledgeBase:
         rows = self._rows("profiles", self._conn.execute(sql + " ORDER BY updated_at DESC LIMIT 1", args))
         return rows[0] if rows else None
 
+    @_guarded()
     def profiles(self) -> list[dict]:
         return self._rows("profiles", self._conn.execute("SELECT * FROM profiles ORDER BY model, precision, provider"))
 
     # -- calibration (quality per item, per model) --------------------------------------------------------
 
+    @_guarded()
     def add_calibration(self, rows: list[dict]) -> None:
         """Store calibration results in one transaction; a row for an existing (model, task, item_id) replaces it."""
         now = time.time()
@@ -313,6 +588,7 @@ class KnowledgeBase:
         with self._write() as conn:
             conn.executemany(sql, clean)
 
+    @_guarded()
     def calibration(self, models: list[str] | None = None) -> CalibrationSet:
         """Calibration of `models` (all when None) as an item x model matrix; items are sorted by (task, item_id).
 
@@ -336,8 +612,8 @@ class KnowledgeBase:
             scored.append((row["model"], i, row["score"], row["confidence"]))
         dims = sorted({v.size for v in vectors})
         if len(dims) > 1:
-            raise ValueError(f"{self.path}: calibration embeddings have different dimensions {dims}; "
-                             "re-run calibration with one encoder")
+            raise KnowledgeError(self.path, f"calibration embeddings have different dimensions {dims}",
+                                 f"re-run `calm profile` with one encoder, or {reset_remedy(self.path)}")
         embeddings = np.stack(vectors) if vectors else np.zeros((0, 0), dtype=_EMBEDDING)
         names = list(models) if models is not None else sorted({m for m, *_ in scored})
         scores = {m: np.full(len(items), np.nan) for m in names}
@@ -348,16 +624,28 @@ class KnowledgeBase:
         return CalibrationSet(embeddings=embeddings.astype(np.float32, copy=False), items=items, scores=scores,
                               confidence=confidence)
 
+    @_guarded()
     def domain_quality(self) -> dict[tuple[str, str | None], tuple[float, int]]:
         """(model, domain) -> (mean calibration score, number of items): the Analyze step's quality prior."""
-        rows = self._conn.execute("SELECT model, domain, avg(score), count(*) FROM calibration GROUP BY model, domain")
-        return {(m, d): (float(mean), int(n)) for m, d, mean, n in rows}
+        with self._snapshot() as conn:
+            self._check_stored(conn, "calibration", ("model", "domain", "score"))
+            rows = conn.execute("SELECT model, domain, avg(score), count(*) FROM calibration GROUP BY model, domain")
+            return {(m, d): (float(mean), int(n)) for m, d, mean, n in rows}
 
     # -- maintenance (`calm kb ...`) ----------------------------------------------------------------------
 
+    @_guarded()
     def stats(self) -> dict:
-        """Counts and per-model summaries; latency percentiles and mean energy count successful requests only."""
+        """Counts and per-model summaries; latency percentiles and mean energy count successful requests only.
+
+        It checks the file too (SQLite's quick_check), so damage no other call has touched yet is reported
+        here, and the values it reads or summarizes against their columns' types; the other observation columns
+        are left to the calls that read them (checking them all costs about 1.5 s per million rows)."""
         with self._snapshot() as conn:
+            self._check_integrity(conn)
+            self._check_stored(conn, "observations", ("ts", "model", "latency_ms", "energy_j", "error_code"))
+            for table in ("profiles", "calibration"):  # small tables: every column
+                self._check_stored(conn, table, COLUMNS[table])
             counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
             first, last = conn.execute("SELECT min(ts), max(ts) FROM observations").fetchone()
             per_model = conn.execute(
@@ -389,6 +677,7 @@ class KnowledgeBase:
             },
         }
 
+    @_guarded(retry=False)  # rows already written would be written twice
     def export(self, fh: TextIO) -> int:
         """Write every row of every table as JSON Lines (a "table" field names it); returns the rows written."""
         n = 0
@@ -402,8 +691,11 @@ class KnowledgeBase:
                     n += 1
         return n
 
+    @_guarded()
     def reset(self) -> None:
-        """Delete every row of every table; the schema stays."""
+        """Delete every row of every table; the schema stays. A damaged file is refused (KnowledgeError), not
+        emptied: its damage would stay in the freed pages."""
         with self._write() as conn:
+            self._check_integrity(conn)
             for table in TABLES:
                 conn.execute(f"DELETE FROM {table}")

@@ -269,7 +269,14 @@ class Calm:
         """One validated request (a dict per schemas/request.schema.json) -> its record.
 
         `on_text` receives the final answer as it is generated (held back whole while it may be escalated).
+        In the knowledge base's degraded mode (calm_cli.knowledge) the record says so in its "knowledge" field.
         """
+        record = self._answer(request, queue_ms, on_text)
+        if self.kb.degraded is not None:
+            record["knowledge"] = f"degraded: {self.kb.degraded}"
+        return record
+
+    def _answer(self, request: dict, queue_ms: float, on_text: Callable[[str], None] | None) -> dict:
         request_id, forced = request.get("id"), request.get("model")
         if forced is not None and forced not in self.members:
             return monitor.error_record(request_id, "bad_request",

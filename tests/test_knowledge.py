@@ -1,20 +1,35 @@
-"""The knowledge base: schema migrations, refusals, round trips, derived views and concurrent processes."""
+"""The knowledge base: schema migrations, refusals, round trips, derived views and concurrent processes; damaged,
+foreign and unusable files (real SQLite files, damaged for real) through KnowledgeBase, through `calm kb` and
+through the serving commands' degraded mode on the tiny fleet."""
 
 from __future__ import annotations
 
 import io
 import json
 import multiprocessing
+import os
+import shutil
 import sqlite3
+import subprocess
+import sys
 import time
+from contextlib import closing
 from multiprocessing.synchronize import Event
 from pathlib import Path
+from typing import Callable
 
+import jsonschema
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from calm_cli import knowledge
+from calm_cli import policy as policies
+from calm_cli.cli import main
+from calm_cli.fleet.store import Store
 from calm_cli.knowledge import KnowledgeBase, KnowledgeError
+from calm_cli.orchestrator import Calm
+from calm_cli.resources import SCHEMAS
 
 
 def obs(**over: object) -> dict:
@@ -66,7 +81,10 @@ def test_empty_file_gets_the_whole_schema_in_wal_mode(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == len(knowledge.MIGRATIONS)
         columns = [r[1] for r in conn.execute("PRAGMA table_info(observations)")]
     assert sorted(columns) == sorted(("id", *knowledge.OBSERVATION_FIELDS))
+    wal = path.with_name(path.name + "-wal")
+    before = (path.read_bytes(), wal.read_bytes() if wal.exists() else None)
     KnowledgeBase(path).close()  # reopening an up-to-date file changes nothing
+    assert (path.read_bytes(), wal.read_bytes() if wal.exists() else None) == before
 
 
 def test_a_version_1_file_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
@@ -91,8 +109,9 @@ def test_migration_steps_apply_in_one_transaction(tmp_path: Path, monkeypatch: p
     path = tmp_path / "kb.sqlite"
     broken = (*knowledge.MIGRATIONS, ("CREATE TABLE extra (a)", "INSERT INTO no_such_table VALUES (1)"))
     monkeypatch.setattr(knowledge, "MIGRATIONS", broken)
-    with pytest.raises(sqlite3.OperationalError, match="no_such_table"):
+    with pytest.raises(KnowledgeError, match="no such table: no_such_table") as err:
         KnowledgeBase(path)
+    assert isinstance(err.value.__cause__, sqlite3.OperationalError)
     assert _tables(path) == set()
     with _raw(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 0
@@ -225,7 +244,7 @@ def test_calibration_rejects_bad_rows(kb: KnowledgeBase) -> None:
     with pytest.raises(sqlite3.IntegrityError):
         kb.add_calibration([cal("a", "t", "1", 1.0, [1.0], confidence=1.2)])
     kb.add_calibration([cal("a", "t", "1", 1.0, [1.0, 2.0]), cal("a", "t", "2", 1.0, [1.0, 2.0, 3.0])])
-    with pytest.raises(ValueError, match="different dimensions \\[2, 3\\]"):
+    with pytest.raises(KnowledgeError, match="different dimensions \\[2, 3\\]"):
         kb.calibration()
 
 
@@ -247,10 +266,12 @@ def test_domain_quality_is_the_mean_score_per_model_and_domain(kb: KnowledgeBase
 # -- stats, export, reset ---------------------------------------------------------------------------------
 
 
-def test_stats_percentiles_match_numpy(kb: KnowledgeBase) -> None:
+def test_stats_percentiles_and_means_count_successful_requests(kb: KnowledgeBase) -> None:
+    # 101 successful latencies 10, 20, ..., 1010 ms in shuffled order: the median is the 51st smallest (510 ms)
+    # and the 95th percentile the 96th smallest (960 ms). Energies 0.5 .. 1.5 J, symmetric about 1.0 J.
     rng = np.random.default_rng(1)
-    latencies = rng.gamma(2.0, 100.0, size=101)
-    energies = rng.uniform(0.1, 5.0, size=101)
+    latencies = rng.permutation(np.arange(1, 102) * 10.0)
+    energies = 1.0 + (np.arange(101) - 50) / 100
     rows = [obs(ts=100.0 + i, request_id=str(i), latency_ms=float(l), energy_j=float(e))
             for i, (l, e) in enumerate(zip(latencies, energies))]
     rows += [obs(ts=50.0, request_id="err1", latency_ms=99999.0, energy_j=1000.0, error_code="timeout"),
@@ -264,9 +285,9 @@ def test_stats_percentiles_match_numpy(kb: KnowledgeBase) -> None:
     assert s["path"] == str(kb.path) and s["file_bytes"] > 0 and s["schema_version"] == len(knowledge.MIGRATIONS)
     m = s["models"]["smollm2-135m"]
     assert m["observations"] == 103 and m["errors"] == 2 and m["error_rate"] == pytest.approx(2 / 103)
-    assert m["p50_latency_ms"] == pytest.approx(np.percentile(latencies, 50))
-    assert m["p95_latency_ms"] == pytest.approx(np.percentile(latencies, 95))
-    assert m["mean_energy_j"] == pytest.approx(energies.mean())
+    assert m["p50_latency_ms"] == pytest.approx(510.0)
+    assert m["p95_latency_ms"] == pytest.approx(960.0)
+    assert m["mean_energy_j"] == pytest.approx(1.0)
     g = s["models"]["gemma3-270m"]
     assert g["error_rate"] == 1.0 and g["p50_latency_ms"] is None and g["mean_energy_j"] is None
     json.dumps(s)  # `calm kb stats --json` can print it as is
@@ -345,3 +366,379 @@ def test_concurrent_writers_and_a_reader_share_one_file(tmp_path: Path) -> None:
         assert {m: v["observations"] for m, v in s["models"].items()} == {f"m{w}": PER_WRITER for w in range(WRITERS)}
         ids = {o["request_id"] for w in range(WRITERS) for o in k.recent(f"m{w}", window=PER_WRITER)}
         assert len(ids) == WRITERS * PER_WRITER
+
+
+# -- damaged, foreign and unusable files ------------------------------------------------------------------
+
+NEWER = len(knowledge.MIGRATIONS) + 3
+MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
+
+
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real knowledge base of about 1.6 MB, written in turns so that every table's pages are spread through
+    the file (damage in its middle then reaches each table)."""
+    path = tmp_path_factory.mktemp("filled") / "knowledge.sqlite"
+    rng = np.random.default_rng(2)
+    with KnowledgeBase(path) as k:
+        for turn in range(30):
+            k.record_many([obs(ts=float(turn * 100 + i), request_id=f"{turn}-{i}") for i in range(100)])
+            k.add_calibration([cal("smollm2-135m", "t", f"{turn}-{i}", float(i % 2), rng.standard_normal(384),
+                                   domain="math") for i in range(20)])
+            k.upsert_profile(MODELS[turn % 4], "fp32", f"provider-{turn}", tokens_per_s=40.0 + turn, ttft_ms=10.0,
+                             load_ms=100.0, updated_at=float(turn))
+    return path
+
+
+def _corrupt_pages(path: Path) -> None:
+    size = path.stat().st_size
+    with open(path, "r+b") as fh:  # the middle third of the file overwritten with other data
+        fh.seek(size // 3)
+        fh.write(np.random.default_rng(3).bytes(size // 3))
+
+
+def _truncate(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def _drop_table(path: Path) -> None:
+    with closing(_raw(path)) as conn:
+        conn.execute("DROP TABLE calibration")
+
+
+def _directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+    (path / "something").write_text("not calm's")
+
+
+def _foreign(path: Path) -> None:
+    """Another program's database that happens to use SQLite's user_version too."""
+    path.unlink()
+    with closing(_raw(path)) as conn:
+        conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+        conn.execute(f"PRAGMA user_version = {len(knowledge.MIGRATIONS)}")
+
+
+def _text_in_real(path: Path) -> None:
+    """What another program may write: SQLite keeps text as text in a REAL column. The row is the profile the
+    loop reads for smollm2-135m (its newest)."""
+    with closing(_raw(path)) as conn:
+        conn.execute("UPDATE profiles SET tokens_per_s = 'fast' WHERE model = 'smollm2-135m' AND updated_at = 28")
+
+
+def _newer(path: Path) -> None:
+    with closing(_raw(path)) as conn:
+        conn.execute(f"PRAGMA user_version = {NEWER}")
+
+
+def _not_sqlite(path: Path) -> None:
+    path.write_bytes(b"these are not the pages you are looking for\n" * 200)
+
+
+# damage -> what the one-line message must say about it
+DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
+    "corrupt pages": (_corrupt_pages, "the file is damaged"),
+    "truncated": (_truncate, "the file is damaged: database disk image is malformed"),
+    "dropped table": (_drop_table, "table calibration is missing"),
+    "directory": (_directory, "a directory is where the knowledge base file should be"),
+    "foreign database": (_foreign, "table observations is missing"),
+    "text in a REAL column": (_text_in_real, "column tokens_per_s (REAL) holds str 'fast', a row calm did not write"),
+    "newer schema": (_newer, f"knowledge base schema version {NEWER}"),
+    "not SQLite": (_not_sqlite, "not an SQLite database"),
+}
+
+
+def _damaged(filled: Path, directory: Path, kind: str) -> Path:
+    """A copy of the filled knowledge base as `directory`/knowledge.sqlite, damaged by `kind`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / knowledge.FILENAME
+    shutil.copy(filled, path)
+    DAMAGE[kind][0](path)
+    return path
+
+
+def _contents(path: Path) -> object:
+    """What is on disk at `path`: the file's bytes, or a directory's listing."""
+    return sorted(p.name for p in path.iterdir()) if path.is_dir() else path.read_bytes()
+
+
+def _one_line_naming(message: str, path: Path, kind: str) -> None:
+    assert "\n" not in message.strip() and "Traceback" not in message, message
+    assert str(path) in message and DAMAGE[kind][1] in message, message
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_an_unusable_file_is_refused_in_one_line_and_left_untouched(kind: str, filled: Path, tmp_path: Path) -> None:
+    path = _damaged(filled, tmp_path, kind)
+    before = _contents(path)
+    with pytest.raises(KnowledgeError) as err:
+        with KnowledgeBase(path) as k:  # some damage shows at open, some only when the data is read
+            k.stats()
+    message = str(err.value)
+    _one_line_naming(message, path, kind)
+    assert err.value.resettable and "calm kb reset --yes" in message
+    assert f"{knowledge.FILENAME}.damaged-<time>" in message
+    assert _contents(path) == before
+
+
+READERS: dict[str, Callable[[KnowledgeBase], object]] = {
+    "export": lambda k: k.export(io.StringIO()), "profiles": lambda k: k.profiles(),
+    "profile": lambda k: k.profile("smollm2-135m", "fp32"), "calibration": lambda k: k.calibration(),
+    "domain_quality": lambda k: k.domain_quality(), "stats": lambda k: k.stats(),
+}
+
+
+@pytest.mark.parametrize("kind, readers", [("corrupt pages", ["export", "calibration", "domain_quality", "stats"]),
+                                           ("text in a REAL column", ["export", "profiles", "profile", "stats"])])
+def test_damage_found_after_opening_fails_each_call_that_reads_it(kind: str, readers: list[str], filled: Path,
+                                                                  tmp_path: Path) -> None:
+    path = _damaged(filled, tmp_path, kind)
+    with KnowledgeBase(path) as k:
+        for name in readers:
+            with pytest.raises(KnowledgeError) as err:
+                READERS[name](k)
+            _one_line_naming(str(err.value), path, kind)
+        assert len(k.recent("smollm2-135m", window=3)) == 3  # what is not damaged can still be read
+
+
+def test_text_in_a_number_column_is_refused_naming_the_row_not_summed(kb: KnowledgeBase) -> None:
+    kb.record_many([obs(request_id="a", energy_j=2.0), obs(request_id="b", energy_j=4.0)])
+    with _raw(kb.path) as conn:  # SQL's avg() would count the text as 0 and report 2.0 J
+        conn.execute("UPDATE observations SET energy_j = 'lots' WHERE request_id = 'b'")
+    with pytest.raises(KnowledgeError, match=r"observations row 2: column energy_j \(REAL\) holds str 'lots'"):
+        kb.stats()
+    with pytest.raises(KnowledgeError, match="column energy_j"):
+        kb.recent("smollm2-135m")
+
+
+def _in_memory_learning_goes_on(k: KnowledgeBase) -> None:
+    k.record(obs(request_id="after", model="learned-in-memory"))
+    k.upsert_profile("learned-in-memory", "fp32", "cpu", tokens_per_s=3.0)
+    assert [o["request_id"] for o in k.recent("learned-in-memory")] == ["after"]
+    assert k.profile("learned-in-memory")["tokens_per_s"] == 3.0
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_degraded_mode_serves_from_memory_says_why_once_and_leaves_the_file(kind: str, filled: Path,
+                                                                           tmp_path: Path) -> None:
+    path = _damaged(filled, tmp_path, kind)
+    before = _contents(path)
+    said: list[str] = []
+    with KnowledgeBase(path, on_degraded=said.append) as k:
+        # what the loop asks of it, in the loop's order: calibration at start, then per request
+        k.calibration(["smollm2-135m"])
+        for n in range(3):
+            k.profile("smollm2-135m", "fp32")
+            k.recent("smollm2-135m", 20)
+            k.record(obs(request_id=f"req-{n}"))
+        assert k.degraded is not None
+        _one_line_naming(k.degraded, path, kind)
+        _in_memory_learning_goes_on(k)
+    assert len(said) == 1 and said[0].startswith("calm: degraded mode") and k.degraded in said[0]
+    assert _contents(path) == before
+
+
+def test_a_healthy_file_is_not_degraded(filled: Path, tmp_path: Path) -> None:
+    path = tmp_path / "kb.sqlite"
+    shutil.copy(filled, path)
+    said: list[str] = []
+    with KnowledgeBase(path, on_degraded=said.append) as k:
+        assert k.profile("smollm2-135m", "fp32")["tokens_per_s"] == 68.0
+        assert k.calibration().embeddings.shape == (600, 384)
+        k.record(obs(ts=time.time(), request_id="kept"))
+    assert said == [] and k.degraded is None
+    with KnowledgeBase(path) as k:
+        assert "kept" in {o["request_id"] for o in k.recent("smollm2-135m", window=5)}
+
+
+# -- failures in the middle of a run ----------------------------------------------------------------------
+
+
+def test_a_file_replaced_mid_run_is_noticed_at_the_next_write(tmp_path: Path) -> None:
+    path = tmp_path / "kb.sqlite"
+    said: list[str] = []
+    with KnowledgeBase(path, on_degraded=said.append) as k:
+        k.record(obs(request_id="before"))
+        path.unlink()  # SQLite would go on writing to the deleted file, and everything learned would vanish
+        path.write_bytes(b"garbage" * 1000)
+        k.record(obs(request_id="after"))
+        assert k.degraded is not None and "deleted, moved or replaced while calm had it open" in k.degraded
+        assert [o["request_id"] for o in k.recent("smollm2-135m")] == ["after"]
+    assert len(said) == 1 and path.read_bytes() == b"garbage" * 1000
+
+
+def test_a_lock_held_past_the_busy_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "kb.sqlite"
+    KnowledgeBase(path).close()
+    holder = _raw(path)
+    holder.execute("BEGIN EXCLUSIVE")  # another process writing for longer than the busy timeout
+    try:
+        with KnowledgeBase(path, busy_timeout_s=0.2) as strict:
+            with pytest.raises(KnowledgeError) as err:
+                strict.record(obs())
+        assert "database is locked" in str(err.value) and "try again" in str(err.value)
+        assert not err.value.resettable  # a fresh file would not help: `calm kb reset` is not offered
+        said: list[str] = []
+        with KnowledgeBase(path, busy_timeout_s=0.2, on_degraded=said.append) as k:
+            k.record(obs(request_id="in-memory"))
+            assert [o["request_id"] for o in k.recent("smollm2-135m")] == ["in-memory"]
+        assert len(said) == 1 and "database is locked" in said[0]
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+def test_a_full_disk_mid_run(tmp_path: Path) -> None:
+    path = tmp_path / "kb.sqlite"
+    said: list[str] = []
+    with KnowledgeBase(path, on_degraded=said.append) as k:
+        # SQLite's own page limit: the same SQLITE_FULL a full disk gives, without filling one
+        pages = k._conn.execute("PRAGMA page_count").fetchone()[0]
+        k._conn.execute(f"PRAGMA max_page_count = {pages}")
+        for n in range(100):
+            k.record(obs(request_id=str(n), provider="x" * 500))
+        assert k.degraded is not None and "database or disk is full; free some disk space" in k.degraded
+        assert len(k.recent("smollm2-135m", window=100)) < 100  # the later ones are in memory only
+    assert len(said) == 1
+    with KnowledgeBase(path) as k:  # what made it to the file before the disk was full is still there
+        assert 0 < k.stats()["rows"]["observations"] < 100
+
+
+def test_a_constraint_violation_is_the_callers_error_not_the_files(tmp_path: Path) -> None:
+    said: list[str] = []
+    with KnowledgeBase(tmp_path / "kb.sqlite", on_degraded=said.append) as k:
+        with pytest.raises(sqlite3.IntegrityError):
+            k.record(obs(latency_ms=-1.0))
+        assert k.degraded is None and said == []
+
+
+# -- `calm kb` on damaged files ---------------------------------------------------------------------------
+
+
+def _kb_cli(data_dir: Path, *args: str, stdin: str | None = None):
+    result = CliRunner().invoke(main, ["kb", *args], env={"CALM_DATA_DIR": str(data_dir)}, input=stdin)
+    # CliRunner catches any exception: only SystemExit (calm's own exits) is acceptable
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+@pytest.mark.parametrize("command", ["stats", "export", "show"])
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_kb_commands_on_an_unusable_file_exit_1_in_one_line(kind: str, command: str, filled: Path,
+                                                            tmp_path: Path, calm_home: Path) -> None:
+    path = _damaged(filled, tmp_path / "data", kind)
+    before = _contents(path)
+    result = _kb_cli(path.parent, command)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(f"calm: {path}: ")
+    _one_line_naming(result.stderr, path, kind)
+    assert "run `calm kb reset --yes`" in result.stderr
+    assert _contents(path) == before
+
+
+@pytest.mark.parametrize("kind", [k for k in DAMAGE if k != "text in a REAL column"])
+def test_kb_reset_sets_an_unusable_file_aside_and_starts_afresh(kind: str, filled: Path, tmp_path: Path,
+                                                                calm_home: Path) -> None:
+    path = _damaged(filled, tmp_path / "data", kind)
+    before = _contents(path)
+    result = _kb_cli(path.parent, "reset", "--yes")
+    assert result.exit_code == 0, result.output
+    assert "\n" not in result.stderr.strip() and DAMAGE[kind][1] in result.stderr
+    aside = [p for p in path.parent.iterdir() if p.name.startswith(f"{knowledge.FILENAME}.damaged-")
+             and not p.name.endswith(("-wal", "-shm"))]
+    assert len(aside) == 1 and f"kept the file as {aside[0]};" in result.stderr
+    assert _contents(aside[0]) == before  # nothing is lost: the damaged file is kept whole
+    stats = _kb_cli(path.parent, "stats", "--json")
+    assert stats.exit_code == 0 and json.loads(stats.stdout)["rows"] == {t: 0 for t in knowledge.TABLES}
+
+
+def test_kb_reset_empties_a_file_whose_only_fault_is_a_foreign_value(filled: Path, tmp_path: Path,
+                                                                      calm_home: Path) -> None:
+    path = _damaged(filled, tmp_path / "data", "text in a REAL column")
+    result = _kb_cli(path.parent, "reset", "--yes")
+    assert result.exit_code == 0 and result.stderr == "kb: reset\n"
+    assert sorted(p.name for p in path.parent.iterdir() if p.name.startswith(knowledge.FILENAME + ".")) == []
+    assert _kb_cli(path.parent, "stats").exit_code == 0
+
+
+def test_kb_reset_asks_first_and_says_what_is_wrong(filled: Path, tmp_path: Path, calm_home: Path) -> None:
+    path = _damaged(filled, tmp_path / "data", "truncated")
+    before = _contents(path)
+    result = _kb_cli(path.parent, "reset", stdin="n\n")
+    assert result.exit_code == 1 and "database disk image is malformed. Move it aside" in result.output
+    assert _contents(path) == before and list(path.parent.iterdir()) == [path]
+
+
+# -- serving in degraded mode, on the tiny fleet ----------------------------------------------------------
+
+RESPONSE = jsonschema.Draft202012Validator(json.loads((SCHEMAS / "response.schema.json").read_text()))
+
+
+def _calm_cli(env: dict, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "calm_cli", *args], env=env, input=stdin, capture_output=True,
+                          timeout=300)
+
+
+def test_route_on_a_healthy_knowledge_base_has_no_knowledge_field(tiny_env: dict) -> None:
+    result = _calm_cli(tiny_env, "route", "--json", "--model", "smollm2-135m", "--max-tokens", "4", "hi")
+    assert result.returncode == 0, result.stderr.decode()
+    record = json.loads(result.stdout)
+    RESPONSE.validate(record)
+    assert "knowledge" not in record and b"degraded" not in result.stderr
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_route_answers_in_degraded_mode_and_says_so(kind: str, filled: Path, tiny_env: dict) -> None:
+    path = _damaged(filled, Path(tiny_env["CALM_DATA_DIR"]), kind)
+    before = _contents(path)
+    result = _calm_cli(tiny_env, "route", "--json", "--model", "smollm2-135m", "--max-tokens", "4", "hi")
+    stderr = result.stderr.decode()
+    assert result.returncode == 0 and "Traceback" not in stderr, stderr
+    record = json.loads(result.stdout)
+    RESPONSE.validate(record)
+    assert record["error"] is None and record["model"] == "smollm2-135m"
+    assert record["knowledge"].startswith("degraded: ")
+    _one_line_naming(record["knowledge"], path, kind)
+    said = [line for line in stderr.splitlines() if "degraded mode" in line]
+    assert len(said) == 1 and record["knowledge"].removeprefix("degraded: ") in said[0]
+    assert _contents(path) == before
+
+
+def test_batch_and_serve_stdin_answer_every_request_in_degraded_mode(filled: Path, tiny_env: dict,
+                                                                     tmp_path: Path) -> None:
+    path = _damaged(filled, Path(tiny_env["CALM_DATA_DIR"]), "corrupt pages")
+    lines = b"".join(json.dumps({"id": n, "query": "hi", "max_tokens": 2}).encode() + b"\n" for n in range(3))
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(lines)
+    batch = _calm_cli(tiny_env, "batch", str(source), "-o", str(tmp_path / "out.jsonl"))
+    served = _calm_cli(tiny_env, "serve-stdin", stdin=lines)
+    for result, out in ((batch, (tmp_path / "out.jsonl").read_text()), (served, served.stdout.decode())):
+        stderr = result.stderr.decode()
+        assert result.returncode == 0 and "Traceback" not in stderr, stderr
+        assert sum("degraded mode" in line for line in stderr.splitlines()) == 1
+        records = [json.loads(line) for line in out.splitlines()]
+        assert sorted(r["id"] for r in records) == [0, 1, 2]
+        for record in records:
+            RESPONSE.validate(record)
+            assert record["error"] is None and record["knowledge"].startswith(f"degraded: {path}: ")
+
+
+def test_the_loop_goes_on_when_the_file_is_replaced_mid_run(tiny_home: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CALM_PRECISION", "fp32")
+    path = tmp_path / "knowledge.sqlite"
+    said: list[str] = []
+    calm = Calm(policies.load(None), Store(tiny_home / "cache"), KnowledgeBase(path, on_degraded=said.append))
+    request = {"query": "hi", "model": "smollm2-135m", "max_tokens": 2}
+    first = calm.answer({"id": "first", **request})
+    RESPONSE.validate(first)
+    assert "knowledge" not in first and said == []
+    path.unlink()
+    path.write_bytes(b"garbage" * 100)
+    later = [calm.answer({"id": n, **request}) for n in ("second", "third")]
+    for record in later:
+        RESPONSE.validate(record)
+        assert record["error"] is None and record["knowledge"].startswith(f"degraded: {path}: the file was deleted")
+    assert len(said) == 1
+    assert [o["request_id"] for o in calm.kb.recent("smollm2-135m")] == ["third", "second"]  # learned in memory
