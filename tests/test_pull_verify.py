@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import tarfile
+import threading
 import time
 import zipfile
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from click.testing import CliRunner
 
+from calm_cli import tasks
 from calm_cli.cli import main
 from calm_cli.fleet import lock
-from calm_cli.fleet.pull import NoSpaceError, assemble, check_space, pull, space_needed
+from calm_cli.fleet.export import log_path
+from calm_cli.fleet.pull import DownloadError, NoSpaceError, assemble, check_space, pull, space_needed
 from calm_cli.fleet.store import IntegrityError, Store, verify_dir, write_manifest
 
 
@@ -168,3 +178,256 @@ def test_list_json_has_the_documented_fields(calm_home: Path) -> None:
     for row in rows:
         assert {"name", "role", "state", "precision", "path"} <= set(row)
         assert row["state"] == "missing"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packages are fetched without running their code: a loopback package index serves a canary package whose
+# setup.py would leave a marker file behind.
+
+SDIST, WHEEL = "calm_canary-1.0.tar.gz", "calm_canary-1.0-py3-none-any.whl"
+
+
+def _canary_sdist(marker: Path) -> bytes:
+    members = {
+        "calm_canary-1.0/setup.py": f"from pathlib import Path\nPath({str(marker)!r}).write_text('setup.py ran')\n"
+                                    "from setuptools import setup\nsetup(name='calm-canary', version='1.0')\n",
+        "calm_canary-1.0/PKG-INFO": "Metadata-Version: 2.1\nName: calm-canary\nVersion: 1.0\n",
+    }
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, text in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    return buffer.getvalue()
+
+
+def _canary_wheel() -> bytes:
+    members = {
+        "calm_canary/__init__.py": b"",
+        "calm_canary-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: calm-canary\nVersion: 1.0\n",
+        "calm_canary-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: calm-test\nRoot-Is-Purelib: true\n"
+                                           b"Tag: py3-none-any\n",
+    }
+    digest = {n: base64.urlsafe_b64encode(hashlib.sha256(b).digest()).rstrip(b"=").decode() for n, b in members.items()}
+    record = "".join(f"{n},sha256={digest[n]},{len(b)}\n" for n, b in members.items())
+    record += "calm_canary-1.0.dist-info/RECORD,,\n"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        for name, text in {**members, "calm_canary-1.0.dist-info/RECORD": record}.items():
+            z.writestr(name, text)
+    return buffer.getvalue()
+
+
+class _IndexHandler(BaseHTTPRequestHandler):
+    """A PEP 691/503 index of one project, `calm-canary`, at /simple/; its files at /files/."""
+
+    server: "_IndexServer"
+
+    def do_GET(self) -> None:
+        srv = self.server
+        srv.requests.append((self.path, self.headers.get("Accept", ""), self.headers.get("Authorization")))
+        if srv.auth and self.path.startswith("/simple/") and self.headers.get("Authorization") != srv.auth:
+            return self._send(401, "text/plain", b"credentials needed")
+        if self.path == "/simple/calm-canary/":
+            if srv.broken_json:
+                return self._send(200, "application/vnd.pypi.simple.v1+json", b'{"files": [{"name": 1}]}')
+            if srv.json and "application/vnd.pypi.simple.v1+json" in self.headers.get("Accept", ""):
+                files = [{"filename": n, "url": srv.files_base + n, "hashes": {}} for n in srv.files]
+                page = {"meta": {"api-version": "1.0"}, "name": "calm-canary", "files": files}
+                return self._send(200, "application/vnd.pypi.simple.v1+json", json.dumps(page).encode())
+            links = "".join(f'<a href="{srv.files_base}{n}#sha256=0">{n}</a><br/>' for n in srv.files)
+            return self._send(200, "text/html", f"<!DOCTYPE html><html><body>{links}</body></html>".encode())
+        body = srv.files.get(self.path.removeprefix("/files/")) if self.path.startswith("/files/") else None
+        if body is None:
+            return self._send(404, "text/plain", b"not found")
+        self._send(200, "application/octet-stream", body, cut=srv.cut)
+
+    def _send(self, code: int, kind: str, body: bytes, cut: bool = False) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2] if cut else body)  # cut: the connection closes midway
+        self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _IndexServer(ThreadingHTTPServer):
+    def __init__(self, marker: Path) -> None:
+        super().__init__(("127.0.0.1", 0), _IndexHandler)
+        self.url = f"http://127.0.0.1:{self.server_port}/simple"
+        self.marker = marker  # what the canary's setup.py writes, if it ever runs
+        self.files = {SDIST: _canary_sdist(marker), WHEEL: _canary_wheel()}
+        self.files_base = "../../files/"  # relative, as PyPI's pages may be
+        self.json, self.broken_json, self.cut, self.auth = True, False, False, None
+        self.requests: list[tuple[str, str, str | None]] = []
+
+
+@pytest.fixture
+def index(tmp_path: Path, calm_home: Path) -> Iterator[_IndexServer]:
+    server = _IndexServer(tmp_path / "setup-py-ran")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _canary_pins(index: _IndexServer) -> tuple[tasks.DataPin, tasks.DataPin]:
+    sha = {name: hashlib.sha256(body).hexdigest() for name, body in index.files.items()}
+    return (tasks.DataPin("canary-sdist", "calm-canary", "1.0", SDIST, sha[SDIST], sdist=True),
+            tasks.DataPin("canary-wheel", "calm-canary", "1.0", WHEEL, sha[WHEEL], sdist=False))
+
+
+def test_an_sdist_is_fetched_as_a_file_and_none_of_its_code_runs(index: _IndexServer, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # The hazard is real: pip's own download of this sdist runs its setup.py.
+    control = subprocess.run([sys.executable, "-m", "pip", "--isolated", "download", "--no-deps", "--no-binary",
+                              ":all:", "--no-build-isolation", "--index-url", index.url, "-d", str(tmp_path / "pip"),
+                              "calm-canary==1.0"], capture_output=True, text=True)
+    assert index.marker.read_text() == "setup.py ran", control.stdout + control.stderr
+    index.marker.unlink()
+
+    monkeypatch.setenv("PIP_INDEX_URL", index.url)
+    root, messages = tmp_path / "cache", []
+    got = tasks.fetch_data(root, messages.append, pins=_canary_pins(index))
+    assert {key: path.read_bytes() for key, path in got.items()} == {
+        "canary-sdist": index.files[SDIST], "canary-wheel": index.files[WHEEL]}
+    assert not index.marker.exists()
+    assert sorted(p.name for p in (root / "data").iterdir()) == sorted([".lock", SDIST, WHEEL]), "no staging"
+    page = next(r for r in index.requests if r[0] == "/simple/calm-canary/")
+    assert page[1].startswith("application/vnd.pypi.simple.v1+json")  # PEP 691 asked for first
+    assert any(m.startswith(f"downloading {SDIST} (") and "/files/" + SDIST in m for m in messages)
+    served = len(index.requests)
+    assert tasks.fetch_data(root, pins=_canary_pins(index)) == got
+    assert len(index.requests) == served, "a verified file is not downloaded again"
+
+
+def test_a_tampered_sdist_is_refused_before_it_is_kept(index: _IndexServer, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIP_INDEX_URL", index.url)
+    pin = _canary_pins(index)[0]
+    index.files[SDIST] = _canary_sdist(index.marker).replace(b"\x00", b"\x01", 1)
+    with pytest.raises(IntegrityError) as refused:
+        tasks.fetch_data(tmp_path / "cache", pins=(pin,))
+    message = str(refused.value)
+    assert SDIST in message and pin.sha256 in message and hashlib.sha256(index.files[SDIST]).hexdigest() in message
+    assert sorted(p.name for p in (tmp_path / "cache" / "data").iterdir()) == [".lock"]
+    assert not index.marker.exists()
+
+
+def test_a_plain_html_index_named_in_pips_config_file(index: _IndexServer, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """pip's [download] section outranks [global], as in pip; a PEP 503-only index answers in HTML."""
+    config = tmp_path / "pip.conf"
+    config.write_text(f"[global]\nindex-url = http://127.0.0.1:9/nowhere\n[download]\nindex-url = {index.url}\n")
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(config))
+    monkeypatch.delenv("PIP_INDEX_URL", raising=False)
+    index.json = False
+    pin = _canary_pins(index)[0]
+    got = tasks.fetch_data(tmp_path / "cache", pins=(pin,))
+    assert got["canary-sdist"].read_bytes() == index.files[SDIST]
+    assert not index.marker.exists()
+
+
+def test_credentials_in_the_index_url_go_to_the_index_only(index: _IndexServer, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    index.auth = "Basic " + base64.b64encode(b"reader:p@ss").decode()
+    index.files_base = f"http://localhost:{index.server_port}/files/"  # another host than the index's
+    pin = _canary_pins(index)[0]
+    monkeypatch.setenv("PIP_INDEX_URL", index.url)
+    with pytest.raises(DownloadError, match=f"{index.url}/: HTTP 401"):
+        tasks.fetch_data(tmp_path / "cache", pins=(pin,))
+    monkeypatch.setenv("PIP_INDEX_URL", index.url.replace("//", "//reader:p%40ss@"))
+    assert tasks.fetch_data(tmp_path / "cache", pins=(pin,))["canary-sdist"].read_bytes() == index.files[SDIST]
+    sent = {path: auth for path, _, auth in index.requests}
+    assert sent["/simple/calm-canary/"] == index.auth and sent["/files/" + SDIST] is None
+
+
+def test_index_failures_are_one_line_naming_the_file_and_the_index(index: _IndexServer, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIP_INDEX_URL", index.url)
+    pin = _canary_pins(index)[0]
+    root = tmp_path / "cache"
+    with pytest.raises(DownloadError) as missing:
+        tasks.fetch_data(root, pins=(replace(pin, package="calm-absent"),))
+    assert f"{index.url}/: HTTP 404" in str(missing.value) and SDIST in str(missing.value)
+    assert "\n" not in str(missing.value)
+    with pytest.raises(DownloadError, match=f"{index.url}/: lists no calm_canary-2.0.tar.gz"):
+        tasks.fetch_data(root, pins=(replace(pin, filename="calm_canary-2.0.tar.gz"),))
+    index.broken_json = True
+    with pytest.raises(DownloadError, match=f"{index.url}/calm-canary/ is not a PEP 691 project page"):
+        tasks.fetch_data(root, pins=(pin,))
+    index.broken_json = False
+    local = tmp_path / "local"  # a remote page may not make calm read a local file
+    local.mkdir()
+    (local / SDIST).write_bytes(index.files[SDIST])
+    index.files_base = local.as_uri() + "/"
+    with pytest.raises(DownloadError, match=f"{index.url}/: lists no {SDIST}"):
+        tasks.fetch_data(root, pins=(pin,))
+    index.files_base = "../../files/"
+    index.cut = True
+    with pytest.raises(DownloadError, match=f"{SDIST}: the connection from .* closed after "
+                                            f"{len(index.files[SDIST]) // 2} of {len(index.files[SDIST])} bytes"):
+        tasks.fetch_data(root, pins=(pin,))
+    assert sorted(p.name for p in (root / "data").iterdir()) == [".lock"]
+    index.cut = False
+    assert tasks.fetch_data(root, pins=(pin,))["canary-sdist"].read_bytes() == index.files[SDIST]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `calm models export`: one line per model and phase, the exporters' own output in a log file it names. The
+# real worker runs on a tiny random-weight stand-in for the routing encoder (seconds, not minutes).
+
+
+def _tiny_encoder_source(store: Store) -> Path:
+    """minilm-l6's source directory as a pull leaves it, holding a tiny BERT and a WordPiece tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("optimum.exporters.onnx")
+    from tiny_fleet import ENCODER_VOCAB, _encoder_tokenizer
+
+    source = store.source_dir("minilm-l6")
+    source.mkdir(parents=True)
+    config = transformers.BertConfig(vocab_size=len(ENCODER_VOCAB), hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    transformers.BertModel(config).save_pretrained(source)
+    _encoder_tokenizer(source)
+    write_manifest(source, {"kind": "source", "model": "minilm-l6", "tiny": True})
+    return source
+
+
+def test_export_shows_one_line_per_phase_and_logs_the_rest(calm_home: Path) -> None:
+    store = Store(calm_home / "cache")
+    _tiny_encoder_source(store)
+    result = CliRunner().invoke(main, ["models", "export", "minilm-l6"])
+    assert result.exit_code == 0, result.output
+    log = log_path(store, "minilm-l6", "int8")
+    lines = result.stderr.splitlines()
+    assert lines[:3] == [f"minilm-l6: exporting int8 (exporter messages: {log})", "minilm-l6: ONNX export",
+                         "minilm-l6: int8 quantization"], result.stderr
+    assert re.fullmatch(r"minilm-l6: done in \d+ s, peak \d+\.\d GB", lines[3]), lines[3]
+    assert lines[4:] == [f"minilm-l6: int8 export in {store.export_dir('minilm-l6', 'int8')}"]
+    text = log.read_text()
+    assert text.index("== ONNX export") < text.index("== int8 quantization")
+    assert "Warning" in text  # the exporters' warnings land here, not on the terminal
+    assert verify_dir(store.export_dir("minilm-l6", "int8")) == []
+
+
+def test_a_failed_export_quotes_the_end_of_its_log_and_names_it(calm_home: Path) -> None:
+    store = Store(calm_home / "cache")
+    source = _tiny_encoder_source(store)
+    weights = source / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # the worker dies reading the weights
+    write_manifest(source, {"kind": "source", "model": "minilm-l6", "tiny": True})
+    result = CliRunner().invoke(main, ["models", "export", "minilm-l6"])
+    assert result.exit_code == 1
+    log = log_path(store, "minilm-l6", "int8")
+    head, _, quoted = result.stderr.partition(f"Last lines of {log}:\n")
+    assert head.splitlines()[:2] == [f"minilm-l6: exporting int8 (exporter messages: {log})", "minilm-l6: ONNX export"]
+    assert "export failed (exit 1); nothing was kept." in head and "Traceback" not in head
+    assert quoted.splitlines() == log.read_text().splitlines()[-len(quoted.splitlines()):]
+    assert "Error" in quoted.splitlines()[-1]  # the worker's own exception, last in its log
+    assert not store.export_dir("minilm-l6", "int8").exists()
