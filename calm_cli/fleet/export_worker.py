@@ -1,4 +1,8 @@
-"""The export itself, run as a child process by export.py; prints one JSON report line on stdout.
+"""The export itself, run as a child process by export.py.
+
+Its stdout is calm's channel: one JSON line per phase ({"phase": "ONNX export"}) and the report last
+({"report": {...}}). Everything else the libraries print, from Python or from C (TracerWarnings, Optimum's
+chatter), goes to stderr, which export.py sends to a log file.
 
 Generative models: transformers loads the GGUF (dequantized to fp32), Optimum exports the in-memory model
 (text-generation-with-past), and for int4 the fp32 graph's MatMuls are rewritten to carry the GGUF's own
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import sys
@@ -22,6 +27,18 @@ from calm_cli.fleet import lock
 from calm_cli.fleet.lock import ModelSpec
 
 ONNX_FILES = ("model.onnx", "model.onnx_data", "model.onnx.data")
+_channel = sys.stdout  # main() points it at a private copy of the original stdout
+
+
+def _send(kind: str, value: object) -> None:
+    _channel.write(json.dumps({kind: value}) + "\n")
+    _channel.flush()
+
+
+def _phase(message: str) -> None:
+    """One line for the user; also marked in the log, so that warnings can be placed in their phase."""
+    _log(f"== {message}")
+    _send("phase", message)
 
 
 def _log(message: str) -> None:
@@ -48,9 +65,9 @@ def export_decoder(spec: ModelSpec, source: Path, out: Path, precision: str, wor
     with tempfile.TemporaryDirectory(dir=work, prefix=f"export-{spec.name}-") as tmp:
         fp32_dir = out if precision == "fp32" else Path(tmp) / "fp32"
         t0 = time.perf_counter()
-        _log(f"{spec.name}: loading {gguf.name} with transformers (dequantized to fp32)")
+        _phase("loading GGUF")
         model = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=gguf.name, dtype=torch.float32)
-        _log(f"{spec.name}: exporting with Optimum ({spec.task})")
+        _phase("ONNX export")
         _optimum_export(model, fp32_dir, spec.task)
         del model
         report["fp32_export_s"] = round(time.perf_counter() - t0, 1)
@@ -58,7 +75,7 @@ def export_decoder(spec: ModelSpec, source: Path, out: Path, precision: str, wor
             from calm_cli.fleet import int4
 
             t0 = time.perf_counter()
-            _log(f"{spec.name}: carrying the GGUF's quantized blocks into MatMulNBits")
+            _phase("int4 blocks")
             levels = spec.accuracy_levels
             result = int4.quantize_from_gguf(fp32_dir / "model.onnx", gguf, out / "model.onnx",
                                              accuracy_level=levels["4bit"], accuracy_level_8bit=levels["8bit"])
@@ -73,11 +90,12 @@ def export_decoder(spec: ModelSpec, source: Path, out: Path, precision: str, wor
                     shutil.copy2(fp32_dir / name, out / name)
     from calm_cli.fleet import fuse
 
+    _phase("fused graph")
     try:  # the compact CPU graph beside Optimum's (fuse.py); a model it cannot take keeps the plain one only
         fuse.fuse_export(out)
         report["fused"] = True
     except fuse.Unsupported as exc:
-        _log(f"{spec.name}: no fused graph ({exc})")
+        _phase(f"no fused graph ({exc})")
         report["fused"] = False
     gguf_tokenizer.build_tokenizer(gguf).save(out)
     return report
@@ -88,8 +106,10 @@ def export_encoder(spec: ModelSpec, source: Path, out: Path, precision: str, wor
 
     with tempfile.TemporaryDirectory(dir=work, prefix=f"export-{spec.name}-") as tmp:
         fp32_dir = out if precision == "fp32" else Path(tmp) / "fp32"
+        _phase("ONNX export")
         _optimum_export(source, fp32_dir, spec.task)
         if precision == "int8":
+            _phase("int8 quantization")
             # per_channel: cosine to fp32 >= 0.99; per-tensor int8 fell to 0.95 (FLEET.md).
             quantize_dynamic(fp32_dir / "model.onnx", out / "model.onnx", per_channel=True,
                              weight_type=QuantType.QInt8)
@@ -108,17 +128,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path, required=True)
     args = parser.parse_args(argv)
+    global _channel
+    _channel = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stdout writes, Python's or C's, join stderr from here on
     spec = lock.load()[args.model]
     args.work.mkdir(parents=True, exist_ok=True)
     build = export_decoder if spec.generative else export_encoder
-    report_to, sys.stdout = sys.stdout, sys.stderr  # library chatter must not mix with the report line
     report = build(spec, args.source, args.out, args.precision, args.work)
     licences = args.source / "LICENSES"
     if licences.is_dir():
         shutil.copytree(licences, args.out / "LICENSES")
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     report["files_mb"] = round(sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file()) / 2**20, 1)
-    print(json.dumps(report), file=report_to, flush=True)
+    _send("report", report)
     return 0
 
 
