@@ -328,6 +328,7 @@ def profile_cmd(model_names: list[str], limit: int, task_names: list[str], seed:
     """Calibrate the knowledge base: load time, TTFT, tok/s, J/token, memory and per-domain quality."""
     from calm_cli import profile, tasks
     from calm_cli.engine.embed import Encoder
+    from calm_cli.knowledge import KnowledgeError
 
     pol = _policy(policy_path)
     names = model_names or [m.model for m in pol.members]
@@ -350,8 +351,11 @@ def profile_cmd(model_names: list[str], limit: int, task_names: list[str], seed:
     rows = []
     for spec in specs:
         with click.progressbar(length=len(items), label=f"profiling {spec.name}", file=sys.stderr) as bar:
-            result = profile.profile_model(spec, store.exports(spec.name)[precision], items, embeddings, kb,
-                                           precision, lambda: bar.update(1))
+            try:
+                result = profile.profile_model(spec, store.exports(spec.name)[precision], items, embeddings, kb,
+                                               precision, lambda: bar.update(1))
+            except KnowledgeError as exc:
+                _fail(str(exc))
         rows.append(result)
     domains = sorted({d for r in rows for d in r.quality})
     headers = ["model", "load ms", "TTFT ms", "tok/s", "J/token", "MB", *domains]
@@ -550,7 +554,7 @@ def bench(ctx: click.Context, policy_paths: tuple[str, ...], task_names: list[st
         return
     from calm_cli import tasks
     from calm_cli.bench import report, workload
-    from calm_cli.knowledge import default_path
+    from calm_cli.knowledge import KnowledgeError, default_path
     from calm_cli.resources import POLICIES
 
     policies = [_policy(p) for p in (policy_paths or (str(POLICIES / "default.yaml"),
@@ -568,8 +572,12 @@ def bench(ctx: click.Context, policy_paths: tuple[str, ...], task_names: list[st
         _fail(str(exc))
     _echo_err(f"bench: {len(items)} queries ({', '.join(f'{k} {v}' for k, v in tasks.counts(items).items())}); "
               f"multiple choice scored by {rule} log-likelihood over shuffled options")
-    result = workload.run(policies, store, default_path(), precision, items, rule, seed,
-                          workload.Scenarios(shift, slow, budget_cut, arrival, tuple(sweep)), _echo_err)
+    _kb().close()  # a damaged knowledge base is named now, not after the members-alone runs
+    try:
+        result = workload.run(policies, store, default_path(), precision, items, rule, seed,
+                              workload.Scenarios(shift, slow, budget_cut, arrival, tuple(sweep)), _echo_err)
+    except KnowledgeError as exc:
+        _fail(str(exc))
     result["workload"] = {"queries": len(items), "per_task": tasks.counts(items), "seed": seed, "rule": rule,
                           "precision": precision}
     click.echo(report.table(result))

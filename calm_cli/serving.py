@@ -137,6 +137,13 @@ class Intake:
         return job
 
 
+def stamped(calm: Calm, record: dict) -> dict:
+    """Every record of a degraded run says so, error records included (Calm.answer stamps its own)."""
+    if calm.kb.degraded is not None and "knowledge" not in record:
+        record["knowledge"] = f"degraded: {calm.kb.degraded}"
+    return record
+
+
 def handle(calm: Calm, job: Job, waiting: int = 0) -> dict:
     """The record for one job; nothing raised escapes (an internal failure is an error record)."""
     if job.record is not None:
@@ -238,7 +245,7 @@ def run_batch(calm: Calm, source_fd: int, out_path: str | None, out: IO[str], re
 
         def write(record: dict) -> None:
             nonlocal next_index, ok, failed
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.write(json.dumps(stamped(calm, record), ensure_ascii=False) + "\n")
             out.flush()
             if out_path:
                 os.fsync(out.fileno())
@@ -279,7 +286,7 @@ def serve(calm: Calm, source_fd: int, out: IO[str], log: Callable[[str], None] =
         if closed:
             return
         try:
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.write(json.dumps(stamped(calm, record), ensure_ascii=False) + "\n")
             out.flush()
             written += 1
         except BrokenPipeError:  # the reader of our output went away: nobody is left to answer

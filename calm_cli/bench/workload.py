@@ -25,7 +25,7 @@ from calm_cli import evaluate, tasks
 from calm_cli.engine.generate import Decoder
 from calm_cli.fleet import lock
 from calm_cli.fleet.store import Store
-from calm_cli.knowledge import KnowledgeBase
+from calm_cli.knowledge import KnowledgeBase, KnowledgeError
 from calm_cli.execute import RequestQueue
 from calm_cli.orchestrator import Calm, ModelsFailed, Run
 from calm_cli.policy import Member, Policy
@@ -91,8 +91,11 @@ def copy_knowledge(source: Path, into: Path) -> KnowledgeBase:
     """A private copy of the knowledge base (sqlite's backup API: consistent even while others write)."""
     target = into / "bench-knowledge.sqlite"
     if source.exists():
-        with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
-            src.backup(dst)
+        try:
+            with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+                src.backup(dst)
+        except sqlite3.DatabaseError as exc:
+            raise KnowledgeError(source, f"cannot be copied for the benchmark: {exc}") from exc
     return KnowledgeBase(target)
 
 
