@@ -193,11 +193,11 @@ def _calm(policy_path: str | None, quiet: bool = False):
     """The process's one MAPE-K loop, or a clear exit when something it needs is missing. A knowledge base
     that cannot serve does not stop it: the loop answers in degraded mode (see calm_cli.knowledge), said once on
     stderr (whatever `quiet`) and in every record."""
-    from calm_cli.knowledge import KnowledgeBase
+    from calm_cli.knowledge import open_knowledge
     from calm_cli.orchestrator import Calm, Unavailable
 
     try:
-        return Calm(_policy(policy_path), _store(), KnowledgeBase(on_degraded=_echo_err),
+        return Calm(_policy(policy_path), _store(), open_knowledge(on_degraded=_echo_err),
                     log=(lambda m: None) if quiet else _echo_err)
     except Unavailable as exc:
         _fail(str(exc))
@@ -403,10 +403,10 @@ def kb_group() -> None:
 
 
 def _kb():
-    from calm_cli.knowledge import KnowledgeBase, KnowledgeError
+    from calm_cli.knowledge import KnowledgeError, open_knowledge
 
     try:
-        return KnowledgeBase()
+        return open_knowledge()
     except KnowledgeError as exc:
         _fail(str(exc))
 
@@ -476,12 +476,12 @@ def kb_reset(yes: bool) -> None:
 
     A file that cannot serve (damaged, someone else's, from a newer calm, a directory) is not deleted: it is
     moved aside to <file>.damaged-<time>, with its -wal and -shm, and a fresh knowledge base is made."""
-    from calm_cli.knowledge import KnowledgeBase, KnowledgeError, start_over
+    from calm_cli.knowledge import KnowledgeError, open_knowledge, start_over
 
     if not yes:
         question = "Delete everything calm has learned?"
         try:
-            KnowledgeBase().close()
+            open_knowledge().close()
         except KnowledgeError as exc:
             if not exc.resettable:
                 _fail(str(exc))

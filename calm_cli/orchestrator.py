@@ -22,7 +22,7 @@ from calm_cli.engine.sampling import Sampling
 from calm_cli.execute import CacheError, CacheEvent, DecayedDemand, ModelCache
 from calm_cli.fleet import lock
 from calm_cli.fleet.store import Store
-from calm_cli.knowledge import KnowledgeBase
+from calm_cli.knowledge import Knowledge
 from calm_cli.plan import Decision, Planner, Prediction
 from calm_cli.policy import Member, Policy
 
@@ -80,7 +80,7 @@ class Served:
 class Calm:
     """One process's loop: the encoder, the planner, the model cache and the knowledge base."""
 
-    def __init__(self, policy: Policy, store: Store, kb: KnowledgeBase,
+    def __init__(self, policy: Policy, store: Store, kb: Knowledge,
                  log: Callable[[str], None] = lambda message: None) -> None:
         self.policy, self.store, self.kb, self.log = policy, store, kb, log
         self.specs = lock.load()

@@ -19,7 +19,7 @@ from calm_cli.engine.embed import Encoder
 from calm_cli.engine.generate import Decoder
 from calm_cli.engine.prompt import render
 from calm_cli.fleet.lock import ModelSpec
-from calm_cli.knowledge import KnowledgeBase
+from calm_cli.knowledge import Knowledge
 
 SPEED_PROMPTS = ("Explain briefly why the sky is blue.", "Write a Python function that returns the sum of a list.",
                  "List three facts about the Moon.")
@@ -53,7 +53,7 @@ def calibration_items(n_per_task: int, seed: int, task_names: list[str] | None, 
 
 
 def profile_model(spec: ModelSpec, export_dir, items: list[tasks.Item], embeddings: np.ndarray,
-                  kb: KnowledgeBase, precision: str, step: Callable[[], None]) -> ModelProfile:
+                  kb: Knowledge, precision: str, step: Callable[[], None]) -> ModelProfile:
     """Measure one member and store its profile and calibration rows."""
     started = time.perf_counter()
     decoder = Decoder(export_dir)

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from calm_cli.knowledge import KnowledgeBase, default_path
+from calm_cli.knowledge import default_path, open_knowledge
 from calm_cli.plan import knn_quality, calibrated_correctness
 
 SMALL = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"]
 BIG = "qwen2.5-coder-1.5b"
-kb = KnowledgeBase(default_path())
+kb = open_knowledge(default_path())
 cs = kb.calibration(SMALL + [BIG])
 lat = {}
 conn = sqlite3.connect(default_path())

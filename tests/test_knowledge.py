@@ -1,5 +1,5 @@
 """The knowledge base: schema migrations, refusals, round trips, derived views and concurrent processes; damaged,
-foreign and unusable files (real SQLite files, damaged for real) through KnowledgeBase, through `calm kb` and
+foreign and unusable files (real SQLite files, damaged for real) through SQLiteKnowledge, through `calm kb` and
 through the serving commands' degraded mode on the tiny fleet."""
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from calm_cli import knowledge
+from calm_cli.knowledge import sqlite as knowledge
 from calm_cli import policy as policies
 from calm_cli.cli import main
 from calm_cli.fleet.store import Store
-from calm_cli.knowledge import KnowledgeBase, KnowledgeError
+from calm_cli.knowledge import KnowledgeError
+from calm_cli.knowledge.sqlite import SQLiteKnowledge
 from calm_cli.orchestrator import Calm
 from calm_cli.resources import SCHEMAS
 
@@ -47,8 +48,8 @@ def cal(model: str, task: str, item: str, score: float, embedding: list[float], 
 
 
 @pytest.fixture
-def kb(tmp_path: Path) -> KnowledgeBase:
-    with KnowledgeBase(tmp_path / "kb.sqlite") as k:
+def kb(tmp_path: Path) -> SQLiteKnowledge:
+    with SQLiteKnowledge(tmp_path / "kb.sqlite") as k:
         yield k
 
 
@@ -65,14 +66,14 @@ def _tables(path: Path) -> set[str]:
 
 
 def test_default_path_follows_data_dir_and_parents_are_created(calm_home: Path) -> None:
-    with KnowledgeBase() as k:
+    with SQLiteKnowledge() as k:
         assert k.path == calm_home / "data" / "knowledge.sqlite"
     assert k.path.is_file()
 
 
 def test_empty_file_gets_the_whole_schema_in_wal_mode(tmp_path: Path) -> None:
     path = tmp_path / "nested" / "dir" / "kb.sqlite"
-    with KnowledgeBase(path) as k:
+    with SQLiteKnowledge(path) as k:
         assert k.stats()["schema_version"] == len(knowledge.MIGRATIONS)
         assert k._conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert set(knowledge.TABLES) <= _tables(path)
@@ -83,7 +84,7 @@ def test_empty_file_gets_the_whole_schema_in_wal_mode(tmp_path: Path) -> None:
     assert sorted(columns) == sorted(("id", *knowledge.OBSERVATION_FIELDS))
     wal = path.with_name(path.name + "-wal")
     before = (path.read_bytes(), wal.read_bytes() if wal.exists() else None)
-    KnowledgeBase(path).close()  # reopening an up-to-date file changes nothing
+    SQLiteKnowledge(path).close()  # reopening an up-to-date file changes nothing
     assert (path.read_bytes(), wal.read_bytes() if wal.exists() else None) == before
 
 
@@ -98,7 +99,7 @@ def test_a_version_1_file_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None
         conn.execute(f"INSERT INTO observations ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
                      list(row.values()))
     assert "calibration" not in _tables(path)
-    with KnowledgeBase(path) as k:
+    with SQLiteKnowledge(path) as k:
         assert k.stats()["schema_version"] == len(knowledge.MIGRATIONS)
         assert [o["request_id"] for o in k.recent("smollm2-135m")] == ["from-v1"]
         k.add_calibration([cal("m", "t", "1", 1.0, [1.0, 0.0])])
@@ -110,7 +111,7 @@ def test_migration_steps_apply_in_one_transaction(tmp_path: Path, monkeypatch: p
     broken = (*knowledge.MIGRATIONS, ("CREATE TABLE extra (a)", "INSERT INTO no_such_table VALUES (1)"))
     monkeypatch.setattr(knowledge, "MIGRATIONS", broken)
     with pytest.raises(KnowledgeError, match="no such table: no_such_table") as err:
-        KnowledgeBase(path)
+        SQLiteKnowledge(path)
     assert isinstance(err.value.__cause__, sqlite3.OperationalError)
     assert _tables(path) == set()
     with _raw(path) as conn:
@@ -119,12 +120,12 @@ def test_migration_steps_apply_in_one_transaction(tmp_path: Path, monkeypatch: p
 
 def test_a_file_from_a_newer_calm_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "kb.sqlite"
-    KnowledgeBase(path).close()
+    SQLiteKnowledge(path).close()
     newer = len(knowledge.MIGRATIONS) + 3
     with _raw(path) as conn:
         conn.execute(f"PRAGMA user_version = {newer}")
     with pytest.raises(KnowledgeError) as err:
-        KnowledgeBase(path)
+        SQLiteKnowledge(path)
     message = str(err.value)
     assert str(path) in message and f"version {newer}" in message and f"version {len(knowledge.MIGRATIONS)}" in message
 
@@ -133,7 +134,7 @@ def test_a_file_that_is_not_sqlite_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "kb.sqlite"
     path.write_bytes(b"these are not the pages you are looking for\n" * 200)
     with pytest.raises(KnowledgeError, match="not an SQLite database") as err:
-        KnowledgeBase(path)
+        SQLiteKnowledge(path)
     assert str(path) in str(err.value)
     assert path.read_bytes().startswith(b"these are not")
 
@@ -143,7 +144,7 @@ def test_someone_elses_sqlite_file_is_refused(tmp_path: Path) -> None:
     with _raw(path) as conn:
         conn.execute("CREATE TABLE theirs (x)")
     with pytest.raises(KnowledgeError, match="not a calm knowledge base") as err:
-        KnowledgeBase(path)
+        SQLiteKnowledge(path)
     assert str(path) in str(err.value)
     assert _tables(path) == {"theirs"}
 
@@ -151,7 +152,7 @@ def test_someone_elses_sqlite_file_is_refused(tmp_path: Path) -> None:
 # -- observations -----------------------------------------------------------------------------------------
 
 
-def test_record_and_recent_round_trip(kb: KnowledgeBase) -> None:
+def test_record_and_recent_round_trip(kb: SQLiteKnowledge) -> None:
     first = obs(ts=1.0, request_id="a")
     second = obs(ts=2.0, request_id="b", domain="code", confidence=0.8, cache_hit=True, escalated_from="gemma3-270m",
                  injected_slowdown=3.0, tokens_out=np.int64(5), latency_ms=np.float32(99.5))
@@ -171,7 +172,7 @@ def test_record_and_recent_round_trip(kb: KnowledgeBase) -> None:
     assert kb.recent("no-such-model") == []
 
 
-def test_record_names_unknown_and_missing_keys(kb: KnowledgeBase) -> None:
+def test_record_names_unknown_and_missing_keys(kb: SQLiteKnowledge) -> None:
     bad = obs(latncy_ms=1.0)
     del bad["provider"], bad["ts"]
     with pytest.raises(ValueError) as err:
@@ -182,7 +183,7 @@ def test_record_names_unknown_and_missing_keys(kb: KnowledgeBase) -> None:
     assert kb.stats()["rows"]["observations"] == 0  # one bad row stores none of the batch
 
 
-def test_profiles_upsert_merge_and_pick_the_newest(kb: KnowledgeBase) -> None:
+def test_profiles_upsert_merge_and_pick_the_newest(kb: SQLiteKnowledge) -> None:
     kb.upsert_profile("m", "int4", "cpu", load_ms=500.0, tokens_per_s=40.0, energy_estimated=True, n_samples=10,
                       updated_at=10.0)
     kb.upsert_profile("m", "fp32", "cpu", tokens_per_s=20.0, updated_at=20.0)
@@ -204,7 +205,7 @@ def test_profiles_upsert_merge_and_pick_the_newest(kb: KnowledgeBase) -> None:
 # -- calibration ------------------------------------------------------------------------------------------
 
 
-def test_calibration_matrix_has_nan_where_a_model_was_not_scored(kb: KnowledgeBase) -> None:
+def test_calibration_matrix_has_nan_where_a_model_was_not_scored(kb: SQLiteKnowledge) -> None:
     kb.add_calibration([
         cal("a", "gsm8k", "2", 1.0, [0.0, 1.0, 0.0], domain="math"),
         cal("a", "gsm8k", "1", 0.0, [1.0, 0.0, 0.0], domain="math"),
@@ -234,7 +235,7 @@ def test_calibration_matrix_has_nan_where_a_model_was_not_scored(kb: KnowledgeBa
     assert empty.embeddings.shape == (0, 0) and empty.items == [] and empty.scores["nobody"].shape == (0,)
 
 
-def test_calibration_rejects_bad_rows(kb: KnowledgeBase) -> None:
+def test_calibration_rejects_bad_rows(kb: SQLiteKnowledge) -> None:
     with pytest.raises(ValueError, match="missing key\\(s\\) embedding"):
         kb.add_calibration([{"model": "a", "task": "t", "item_id": "1", "score": 1.0}])
     with pytest.raises(ValueError, match="non-empty vector"):
@@ -248,7 +249,7 @@ def test_calibration_rejects_bad_rows(kb: KnowledgeBase) -> None:
         kb.calibration()
 
 
-def test_domain_quality_is_the_mean_score_per_model_and_domain(kb: KnowledgeBase) -> None:
+def test_domain_quality_is_the_mean_score_per_model_and_domain(kb: SQLiteKnowledge) -> None:
     rng = np.random.default_rng(0)
     rows, expected = [], {}
     for model in ("a", "b"):
@@ -266,7 +267,7 @@ def test_domain_quality_is_the_mean_score_per_model_and_domain(kb: KnowledgeBase
 # -- stats, export, reset ---------------------------------------------------------------------------------
 
 
-def test_stats_percentiles_and_means_count_successful_requests(kb: KnowledgeBase) -> None:
+def test_stats_percentiles_and_means_count_successful_requests(kb: SQLiteKnowledge) -> None:
     # 101 successful latencies 10, 20, ..., 1010 ms in shuffled order: the median is the 51st smallest (510 ms)
     # and the 95th percentile the 96th smallest (960 ms). Energies 0.5 .. 1.5 J, symmetric about 1.0 J.
     rng = np.random.default_rng(1)
@@ -293,7 +294,7 @@ def test_stats_percentiles_and_means_count_successful_requests(kb: KnowledgeBase
     json.dumps(s)  # `calm kb stats --json` can print it as is
 
 
-def test_export_writes_every_row_and_reset_empties_every_table(kb: KnowledgeBase) -> None:
+def test_export_writes_every_row_and_reset_empties_every_table(kb: SQLiteKnowledge) -> None:
     kb.record_many([obs(request_id="a"), obs(request_id="b", cache_hit=True)])
     kb.upsert_profile("smollm2-135m", "int4", "cpu", tokens_per_s=40.0, energy_estimated=False)
     kb.add_calibration([cal("a", "t", "1", 1.0, [0.25, -1.5]), cal("b", "t", "1", 0.0, [0.25, -1.5])])
@@ -320,7 +321,7 @@ WRITERS, PER_WRITER, BATCH = 4, 300, 25
 
 def _writer(path: str, worker: int, start: Event) -> None:
     start.wait()
-    with KnowledgeBase(Path(path)) as k:  # opening a fresh file at once also races the migration
+    with SQLiteKnowledge(Path(path)) as k:  # opening a fresh file at once also races the migration
         n = 0
         while n < PER_WRITER:
             if n % 100 == 0:  # mostly one transaction per request, as `calm serve` records; some batches
@@ -336,7 +337,7 @@ def _reader(path: str, start: Event, done: Event) -> None:
     start.wait()
     last, reads = 0, 0
     while not done.is_set() or reads == 0:
-        with KnowledgeBase(Path(path)) as k:  # open and close repeatedly, as short-lived `calm kb` commands do
+        with SQLiteKnowledge(Path(path)) as k:  # open and close repeatedly, as short-lived `calm kb` commands do
             for _ in range(20):
                 count = k.stats()["rows"]["observations"]
                 assert count >= last, "a reader saw the count go down"
@@ -360,7 +361,7 @@ def test_concurrent_writers_and_a_reader_share_one_file(tmp_path: Path) -> None:
     reader.join(60)
     assert [p.exitcode for p in writers] == [0] * WRITERS, "a writer failed (its traceback is in captured stderr)"
     assert reader.exitcode == 0, "the reader failed (its traceback is in the captured stderr)"
-    with KnowledgeBase(Path(path)) as k:
+    with SQLiteKnowledge(Path(path)) as k:
         s = k.stats()
         assert s["rows"]["observations"] == WRITERS * PER_WRITER
         assert {m: v["observations"] for m, v in s["models"].items()} == {f"m{w}": PER_WRITER for w in range(WRITERS)}
@@ -380,7 +381,7 @@ def filled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     the file (damage in its middle then reaches each table)."""
     path = tmp_path_factory.mktemp("filled") / "knowledge.sqlite"
     rng = np.random.default_rng(2)
-    with KnowledgeBase(path) as k:
+    with SQLiteKnowledge(path) as k:
         for turn in range(30):
             k.record_many([obs(ts=float(turn * 100 + i), request_id=f"{turn}-{i}") for i in range(100)])
             k.add_calibration([cal("smollm2-135m", "t", f"{turn}-{i}", float(i % 2), rng.standard_normal(384),
@@ -473,7 +474,7 @@ def test_an_unusable_file_is_refused_in_one_line_and_left_untouched(kind: str, f
     path = _damaged(filled, tmp_path, kind)
     before = _contents(path)
     with pytest.raises(KnowledgeError) as err:
-        with KnowledgeBase(path) as k:  # some damage shows at open, some only when the data is read
+        with SQLiteKnowledge(path) as k:  # some damage shows at open, some only when the data is read
             k.stats()
     message = str(err.value)
     _one_line_naming(message, path, kind)
@@ -482,7 +483,7 @@ def test_an_unusable_file_is_refused_in_one_line_and_left_untouched(kind: str, f
     assert _contents(path) == before
 
 
-READERS: dict[str, Callable[[KnowledgeBase], object]] = {
+READERS: dict[str, Callable[[SQLiteKnowledge], object]] = {
     "export": lambda k: k.export(io.StringIO()), "profiles": lambda k: k.profiles(),
     "profile": lambda k: k.profile("smollm2-135m", "fp32"), "calibration": lambda k: k.calibration(),
     "domain_quality": lambda k: k.domain_quality(), "stats": lambda k: k.stats(),
@@ -494,7 +495,7 @@ READERS: dict[str, Callable[[KnowledgeBase], object]] = {
 def test_damage_found_after_opening_fails_each_call_that_reads_it(kind: str, readers: list[str], filled: Path,
                                                                   tmp_path: Path) -> None:
     path = _damaged(filled, tmp_path, kind)
-    with KnowledgeBase(path) as k:
+    with SQLiteKnowledge(path) as k:
         for name in readers:
             with pytest.raises(KnowledgeError) as err:
                 READERS[name](k)
@@ -502,7 +503,7 @@ def test_damage_found_after_opening_fails_each_call_that_reads_it(kind: str, rea
         assert len(k.recent("smollm2-135m", window=3)) == 3  # what is not damaged can still be read
 
 
-def test_text_in_a_number_column_is_refused_naming_the_row_not_summed(kb: KnowledgeBase) -> None:
+def test_text_in_a_number_column_is_refused_naming_the_row_not_summed(kb: SQLiteKnowledge) -> None:
     kb.record_many([obs(request_id="a", energy_j=2.0), obs(request_id="b", energy_j=4.0)])
     with _raw(kb.path) as conn:  # SQL's avg() would count the text as 0 and report 2.0 J
         conn.execute("UPDATE observations SET energy_j = 'lots' WHERE request_id = 'b'")
@@ -512,7 +513,7 @@ def test_text_in_a_number_column_is_refused_naming_the_row_not_summed(kb: Knowle
         kb.recent("smollm2-135m")
 
 
-def _in_memory_learning_goes_on(k: KnowledgeBase) -> None:
+def _in_memory_learning_goes_on(k: SQLiteKnowledge) -> None:
     k.record(obs(request_id="after", model="learned-in-memory"))
     k.upsert_profile("learned-in-memory", "fp32", "cpu", tokens_per_s=3.0)
     assert [o["request_id"] for o in k.recent("learned-in-memory")] == ["after"]
@@ -525,7 +526,7 @@ def test_degraded_mode_serves_from_memory_says_why_once_and_leaves_the_file(kind
     path = _damaged(filled, tmp_path, kind)
     before = _contents(path)
     said: list[str] = []
-    with KnowledgeBase(path, on_degraded=said.append) as k:
+    with SQLiteKnowledge(path, on_degraded=said.append) as k:
         # what the loop asks of it, in the loop's order: calibration at start, then per request
         k.calibration(["smollm2-135m"])
         for n in range(3):
@@ -543,12 +544,12 @@ def test_a_healthy_file_is_not_degraded(filled: Path, tmp_path: Path) -> None:
     path = tmp_path / "kb.sqlite"
     shutil.copy(filled, path)
     said: list[str] = []
-    with KnowledgeBase(path, on_degraded=said.append) as k:
+    with SQLiteKnowledge(path, on_degraded=said.append) as k:
         assert k.profile("smollm2-135m", "fp32")["tokens_per_s"] == 68.0
         assert k.calibration().embeddings.shape == (600, 384)
         k.record(obs(ts=time.time(), request_id="kept"))
     assert said == [] and k.degraded is None
-    with KnowledgeBase(path) as k:
+    with SQLiteKnowledge(path) as k:
         assert "kept" in {o["request_id"] for o in k.recent("smollm2-135m", window=5)}
 
 
@@ -558,7 +559,7 @@ def test_a_healthy_file_is_not_degraded(filled: Path, tmp_path: Path) -> None:
 def test_a_file_replaced_mid_run_is_noticed_at_the_next_write(tmp_path: Path) -> None:
     path = tmp_path / "kb.sqlite"
     said: list[str] = []
-    with KnowledgeBase(path, on_degraded=said.append) as k:
+    with SQLiteKnowledge(path, on_degraded=said.append) as k:
         k.record(obs(request_id="before"))
         path.unlink()  # SQLite would go on writing to the deleted file, and everything learned would vanish
         path.write_bytes(b"garbage" * 1000)
@@ -570,17 +571,17 @@ def test_a_file_replaced_mid_run_is_noticed_at_the_next_write(tmp_path: Path) ->
 
 def test_a_lock_held_past_the_busy_timeout(tmp_path: Path) -> None:
     path = tmp_path / "kb.sqlite"
-    KnowledgeBase(path).close()
+    SQLiteKnowledge(path).close()
     holder = _raw(path)
     holder.execute("BEGIN EXCLUSIVE")  # another process writing for longer than the busy timeout
     try:
-        with KnowledgeBase(path, busy_timeout_s=0.2) as strict:
+        with SQLiteKnowledge(path, busy_timeout_s=0.2) as strict:
             with pytest.raises(KnowledgeError) as err:
                 strict.record(obs())
         assert "database is locked" in str(err.value) and "try again" in str(err.value)
         assert not err.value.resettable  # a fresh file would not help: `calm kb reset` is not offered
         said: list[str] = []
-        with KnowledgeBase(path, busy_timeout_s=0.2, on_degraded=said.append) as k:
+        with SQLiteKnowledge(path, busy_timeout_s=0.2, on_degraded=said.append) as k:
             k.record(obs(request_id="in-memory"))
             assert [o["request_id"] for o in k.recent("smollm2-135m")] == ["in-memory"]
         assert len(said) == 1 and "database is locked" in said[0]
@@ -592,7 +593,7 @@ def test_a_lock_held_past_the_busy_timeout(tmp_path: Path) -> None:
 def test_a_full_disk_mid_run(tmp_path: Path) -> None:
     path = tmp_path / "kb.sqlite"
     said: list[str] = []
-    with KnowledgeBase(path, on_degraded=said.append) as k:
+    with SQLiteKnowledge(path, on_degraded=said.append) as k:
         # SQLite's own page limit: the same SQLITE_FULL a full disk gives, without filling one
         pages = k._conn.execute("PRAGMA page_count").fetchone()[0]
         k._conn.execute(f"PRAGMA max_page_count = {pages}")
@@ -601,13 +602,13 @@ def test_a_full_disk_mid_run(tmp_path: Path) -> None:
         assert k.degraded is not None and "database or disk is full; free some disk space" in k.degraded
         assert len(k.recent("smollm2-135m", window=100)) < 100  # the later ones are in memory only
     assert len(said) == 1
-    with KnowledgeBase(path) as k:  # what made it to the file before the disk was full is still there
+    with SQLiteKnowledge(path) as k:  # what made it to the file before the disk was full is still there
         assert 0 < k.stats()["rows"]["observations"] < 100
 
 
 def test_a_constraint_violation_is_the_callers_error_not_the_files(tmp_path: Path) -> None:
     said: list[str] = []
-    with KnowledgeBase(tmp_path / "kb.sqlite", on_degraded=said.append) as k:
+    with SQLiteKnowledge(tmp_path / "kb.sqlite", on_degraded=said.append) as k:
         with pytest.raises(sqlite3.IntegrityError):
             k.record(obs(latency_ms=-1.0))
         assert k.degraded is None and said == []
@@ -729,7 +730,7 @@ def test_the_loop_goes_on_when_the_file_is_replaced_mid_run(tiny_home: Path, tmp
     monkeypatch.setenv("CALM_PRECISION", "fp32")
     path = tmp_path / "knowledge.sqlite"
     said: list[str] = []
-    calm = Calm(policies.load(None), Store(tiny_home / "cache"), KnowledgeBase(path, on_degraded=said.append))
+    calm = Calm(policies.load(None), Store(tiny_home / "cache"), SQLiteKnowledge(path, on_degraded=said.append))
     request = {"query": "hi", "model": "smollm2-135m", "max_tokens": 2}
     first = calm.answer({"id": "first", **request})
     RESPONSE.validate(first)
@@ -742,3 +743,21 @@ def test_the_loop_goes_on_when_the_file_is_replaced_mid_run(tiny_home: Path, tmp
         assert record["error"] is None and record["knowledge"].startswith(f"degraded: {path}: the file was deleted")
     assert len(said) == 1
     assert [o["request_id"] for o in calm.kb.recent("smollm2-135m")] == ["third", "second"]  # learned in memory
+
+
+def test_learned_version_moves_with_profiles_and_calibration_not_with_observations(tmp_path: Path) -> None:
+    """A long-running loop reloads what it learned when this number moves, also when another process wrote."""
+    path = tmp_path / "kb.sqlite"
+    with SQLiteKnowledge(path) as mine, SQLiteKnowledge(path) as theirs:
+        start = mine.learned_version()
+        mine.record(obs())
+        assert mine.learned_version() == start, "serving traffic alone must not force a reload"
+        theirs.upsert_profile("m", "int4", "CPUExecutionProvider", tokens_per_s=10.0)
+        after_profile = mine.learned_version()
+        assert after_profile != start
+        theirs.add_calibration([{"model": "m", "task": "t", "item_id": "1", "score": 1.0,
+                                 "embedding": np.ones(4, np.float32)}])
+        assert mine.learned_version() not in (start, after_profile)
+        before_reset = mine.learned_version()
+        theirs.reset()
+        assert mine.learned_version() != before_reset

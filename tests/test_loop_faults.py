@@ -15,7 +15,7 @@ import yaml
 
 from calm_cli import policy as policies
 from calm_cli.fleet.store import Store
-from calm_cli.knowledge import KnowledgeBase
+from calm_cli.knowledge import open_knowledge
 from calm_cli.orchestrator import Calm
 from calm_cli.resources import POLICIES, SCHEMAS
 
@@ -37,7 +37,7 @@ def make_loop(store: Store, tmp_path: Path, **changes) -> Calm:
         data[key] = value
     path = tmp_path / "policy.yaml"
     path.write_text(yaml.safe_dump(data))
-    return Calm(policies.load(path), store, KnowledgeBase(tmp_path / "kb.sqlite"))
+    return Calm(policies.load(path), store, open_knowledge(tmp_path / "kb.sqlite"))
 
 
 def damage(store: Store, name: str) -> None:

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from calm_cli import policy
 from calm_cli.cli import main
 from calm_cli.engine.embed import Encoder
-from calm_cli.knowledge import KnowledgeBase
+from calm_cli.knowledge import open_knowledge
 from calm_cli.orchestrator import Calm
 from conftest import expected_provider
 
@@ -31,7 +31,7 @@ def calm(fleet_store, tmp_path_factory) -> Calm:
     for name in ("minilm-l6", "smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"):
         result = CliRunner().invoke(main, ["models", "export", name])
         assert result.exit_code == 0, result.output
-    kb = KnowledgeBase(tmp_path_factory.mktemp("kb") / "knowledge.sqlite")  # nothing learned yet
+    kb = open_knowledge(tmp_path_factory.mktemp("kb") / "knowledge.sqlite")  # nothing learned yet
     return Calm(policy.load(), fleet_store, kb)
 
 
@@ -69,7 +69,7 @@ def _learned_calm(tmp_path, store, escalation: dict) -> tuple[Calm, list[str]]:
     queries = ["Who wrote the novel Moby-Dick?", "Which river flows through Vienna?",
                "Who discovered penicillin?", "What is the capital city of Peru?"]
     vectors = Encoder(store.exports("minilm-l6")["int8"]).embed(queries)
-    kb = KnowledgeBase(tmp_path / "kb.sqlite")
+    kb = open_knowledge(tmp_path / "kb.sqlite")
     kb.add_calibration([
         {"model": model, "task": "facts", "item_id": str(i), "score": score, "confidence": 0.9,
          "embedding": vectors[i]}

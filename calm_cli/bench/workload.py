@@ -25,7 +25,7 @@ from calm_cli import evaluate, tasks
 from calm_cli.engine.generate import Decoder
 from calm_cli.fleet import lock
 from calm_cli.fleet.store import Store
-from calm_cli.knowledge import KnowledgeBase, KnowledgeError
+from calm_cli.knowledge import Knowledge, KnowledgeError, open_knowledge
 from calm_cli.execute import RequestQueue
 from calm_cli.orchestrator import Calm, ModelsFailed, Run
 from calm_cli.policy import Member, Policy
@@ -87,7 +87,7 @@ class SystemResult:
         return out
 
 
-def copy_knowledge(source: Path, into: Path) -> KnowledgeBase:
+def copy_knowledge(source: Path, into: Path) -> Knowledge:
     """A private copy of the knowledge base (sqlite's backup API: consistent even while others write)."""
     target = into / "bench-knowledge.sqlite"
     if source.exists():
@@ -96,7 +96,7 @@ def copy_knowledge(source: Path, into: Path) -> KnowledgeBase:
                 src.backup(dst)
         except sqlite3.DatabaseError as exc:
             raise KnowledgeError(source, f"cannot be copied for the benchmark: {exc}") from exc
-    return KnowledgeBase(target)
+    return open_knowledge(target)
 
 
 def item_work(item: tasks.Item, rule: str):
@@ -206,13 +206,13 @@ def _scenario(name: str, out: dict, log: Callable[[str], None]) -> Iterator[None
         out[name] = {"error": f"{type(exc).__name__}: {exc}"}
 
 
-def make_calm(policy: Policy, store: Store, kb: KnowledgeBase, adaptive: bool = True) -> Calm:
+def make_calm(policy: Policy, store: Store, kb: Knowledge, adaptive: bool = True) -> Calm:
     calm = Calm(policy, store, kb)
     calm.adaptive = adaptive
     return calm
 
 
-def random_routing(policy: Policy, store: Store, kb: KnowledgeBase, items: list[tasks.Item], rule: str, seed: int,
+def random_routing(policy: Policy, store: Store, kb: Knowledge, items: list[tasks.Item], rule: str, seed: int,
                    step: Callable[[int], None]) -> SystemResult:
     rng = random.Random(seed)
     members = [m.model for m in policy.fleet]
@@ -288,7 +288,7 @@ def run(policies: list[Policy], store: Store, kb_source: Path, precision: str, i
     systems: list[SystemResult] = []
     scenario_out: dict = {}
     with tempfile.TemporaryDirectory(prefix="calm-bench-") as tmp:
-        def fresh_kb(tag: str) -> KnowledgeBase:
+        def fresh_kb(tag: str) -> Knowledge:
             directory = Path(tmp) / tag
             directory.mkdir()
             return copy_knowledge(kb_source, directory)

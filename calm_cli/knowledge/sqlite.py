@@ -1,4 +1,4 @@
-"""The Knowledge base of calm's MAPE-K loop: what calm observed, measured and learned, in one SQLite file.
+"""The SQLite knowledge base, calm's embedded default: what calm observed, measured and learned, in one file.
 
 Several calm processes may share the file at once (a `calm serve` beside a `calm bench` and a `calm kb stats`):
 each opens its own connection, the file is in WAL mode so readers never wait for writers, every write is a
@@ -14,7 +14,7 @@ for a million observations, 120 MB).
 A value that does not fit its column (text in a number column: a row written by something else) is refused,
 not skipped, naming the table, column and value: silently leaving rows out would change what calm learns.
 
-Degraded mode (the serving commands): a KnowledgeBase made with `on_degraded` never fails for the file's
+Degraded mode (the serving commands): a store opened with `on_degraded` never fails for the file's
 sake. When the file cannot be opened, or a later call fails (damage found mid-run, disk full, the file deleted
 or replaced, a lock held past the busy timeout), it switches for the rest of the process to an in-memory
 store with the same schema, tells `on_degraded` why (once), and retries the call there: requests go on being
@@ -30,15 +30,24 @@ import os
 import sqlite3
 import time
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO, TypeVar
 
 import numpy as np
 
 from calm_cli import settings
+from calm_cli.knowledge.base import (CALIBRATION_DEFAULTS, CALIBRATION_REQUIRED, EMBEDDING, OBSERVATION_DEFAULTS,
+                                     OBSERVATION_FIELDS, OBSERVATION_REQUIRED, PROFILE_METRICS, CalibrationSet,
+                                     Knowledge, KnowledgeError, calibration_set, check_keys, percentile, plain,
+                                     reset_remedy)
 
 FILENAME = "knowledge.sqlite"
+
+
+def default_path() -> Path:
+    """Where calm keeps its knowledge base file: the data_dir setting."""
+    return settings.path("data_dir") / FILENAME
+
 BUSY_TIMEOUT_S = 10.0  # a writer holds the lock for milliseconds; this only bounds a pathological wait
 
 # Ordered schema steps: MIGRATIONS[i] takes a file from user_version i to i + 1. Only ever append.
@@ -106,22 +115,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (  # 4: each calibration answer's confidence, so escalation can learn what a confidence means per model
         "ALTER TABLE calibration ADD COLUMN confidence REAL CHECK (confidence BETWEEN 0 AND 1)",
     ),
+    (  # 5: a counter bumped with every change to profiles or calibration, so a long-running loop sees them
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+        "INSERT INTO meta (key, value) VALUES ('learned_version', 0)",
+    ),
 )
-TABLES = ("observations", "profiles", "calibration")
+_BUMP = "UPDATE meta SET value = value + 1 WHERE key = 'learned_version'"
+TABLES = ("observations", "profiles", "calibration")  # what calm learned; `meta` is bookkeeping
 
-OBSERVATION_REQUIRED = ("ts", "request_id", "policy", "model", "latency_ms", "ttft_ms", "queue_ms", "load_ms",
-                        "tokens_in", "tokens_out", "tokens_per_s", "energy_j", "energy_estimated", "memory_mb",
-                        "cache_hit", "provider")
-OBSERVATION_DEFAULTS: dict[str, Any] = {"domain": None, "confidence": None, "escalated_from": None,
-                                        "error_code": None, "injected_slowdown": 1.0}
-OBSERVATION_FIELDS = OBSERVATION_REQUIRED + tuple(OBSERVATION_DEFAULTS)
-PROFILE_METRICS = ("load_ms", "ttft_ms", "tokens_per_s", "joules_per_token", "memory_mb", "energy_estimated",
-                   "confidence", "n_samples", "updated_at")
-CALIBRATION_REQUIRED = ("model", "task", "item_id", "score", "embedding")
-CALIBRATION_DEFAULTS: dict[str, Any] = {"domain": None, "latency_ms": None, "energy_j": None, "tokens_out": None,
-                                        "confidence": None, "ts": None}
 _BOOLEANS = {"observations": ("energy_estimated", "cache_hit"), "profiles": ("energy_estimated",)}
-_EMBEDDING = np.dtype("<f4")  # fixed byte order so a file moves between machines
 # The SQLite storage classes a column of each declared type may hold (besides NULL), and their Python types.
 _STORAGE = {"INTEGER": ("integer", "real"), "REAL": ("integer", "real"), "TEXT": ("text",), "BLOB": ("blob",)}
 _PYTHON = {"integer": int, "real": float, "text": str, "blob": bytes}
@@ -143,25 +145,6 @@ def schema_at(version: int) -> dict[str, dict[str, str]]:
 
 
 COLUMNS = schema_at(len(MIGRATIONS))
-
-
-def reset_remedy(path: Path) -> str:
-    """The way out of an unusable file, said the same way by every message."""
-    return (f"run `calm kb reset --yes` (it keeps the file as {path.name}.damaged-<time> beside it and starts a "
-            "fresh one)")
-
-
-class KnowledgeError(RuntimeError):
-    """The knowledge base file cannot be used; the message is one line: the file, what is wrong, what to do.
-
-    `resettable` says whether `calm kb reset` is the remedy (it sets an unusable file aside and starts a fresh
-    one); it is not for a lock, a full disk or permissions, which a fresh file would not escape.
-    """
-
-    def __init__(self, path: Path, problem: str, remedy: str | None = None, resettable: bool = True):
-        self.path, self.problem, self.resettable = path, problem, resettable
-        self.remedy = remedy or reset_remedy(path)
-        super().__init__(f"{path}: {problem}; {self.remedy}")
 
 
 def _moved(path: Path) -> KnowledgeError:
@@ -209,7 +192,7 @@ def _misfit(path: Path, table: str, row: dict, where: str = "") -> KnowledgeErro
         if not isinstance(value, tuple(_PYTHON[s] for s in _STORAGE[declared])):
             return KnowledgeError(path, f"{table}{where}: column {name} ({declared}) holds "
                                         f"{type(value).__name__} {repr(value)[:40]}, a row calm did not write")
-        if name == "embedding" and len(value) % _EMBEDDING.itemsize:
+        if name == "embedding" and len(value) % EMBEDDING.itemsize:
             return KnowledgeError(path, f"{table}{where}: an embedding of {len(value)} bytes, not float32s, "
                                         "a row calm did not write")
     return None
@@ -234,7 +217,7 @@ def start_over(path: Path | None = None) -> tuple[Path, str] | None:
     fresh one made: returns where it went and what was wrong (None when the file was fine and only emptied)."""
     path = Path(path) if path is not None else default_path()
     try:
-        with KnowledgeBase(path) as kb:
+        with SQLiteKnowledge(path) as kb:
             kb.reset()
         return None
     except KnowledgeError as exc:
@@ -247,7 +230,7 @@ def start_over(path: Path | None = None) -> tuple[Path, str] | None:
         raise KnowledgeError(path, f"cannot move it aside: {exc.strerror or exc}",
                              "check the permissions of its directory, or move it away by hand",
                              resettable=False) from exc
-    KnowledgeBase(path).close()
+    SQLiteKnowledge(path).close()
     return backup, problem
 
 
@@ -261,7 +244,7 @@ def _guarded(retry: bool = True) -> Callable[[Callable[..., _T]], Callable[..., 
 
     def decorate(method: Callable[..., _T]) -> Callable[..., _T]:
         @functools.wraps(method)
-        def call(self: KnowledgeBase, *args: Any, **kwargs: Any) -> _T:
+        def call(self: SQLiteKnowledge, *args: Any, **kwargs: Any) -> _T:
             try:
                 return method(self, *args, **kwargs)
             except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
@@ -284,41 +267,7 @@ def _guarded(retry: bool = True) -> Callable[[Callable[..., _T]], Callable[..., 
     return decorate
 
 
-@dataclass(frozen=True)
-class CalibrationSet:
-    """Calibration as matrices for the router: one embedding per item, one score vector per model."""
-
-    embeddings: np.ndarray  # float32 [n_items, dim]
-    items: list[tuple[str, str, str | None]]  # (task, item_id, domain), the row order of embeddings
-    scores: dict[str, np.ndarray]  # model -> float64 [n_items], NaN where the model was not scored
-    confidence: dict[str, np.ndarray]  # model -> float64 [n_items], the answer's confidence; NaN where unknown
-
-
-def default_path() -> Path:
-    """Where calm keeps its knowledge base: the data_dir setting."""
-    return settings.path("data_dir") / FILENAME
-
-
-def _check_keys(kind: str, row: dict, required: Iterable[str], optional: Iterable[str]) -> None:
-    """Unknown or missing keys raise ValueError naming them all, so a typo never becomes a silent NULL."""
-    unknown = sorted(set(row) - set(required) - set(optional))
-    missing = sorted(set(required) - set(row))
-    problems = ([f"unknown key(s) {', '.join(unknown)}"] if unknown else []) + \
-               ([f"missing key(s) {', '.join(missing)}"] if missing else [])
-    if problems:
-        raise ValueError(f"{kind}: {'; '.join(problems)}")
-
-
-def _plain(row: dict) -> dict:
-    """numpy scalars as Python numbers, which sqlite3 can bind."""
-    return {k: v.item() if isinstance(v, np.generic) else v for k, v in row.items()}
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
-
-
-class KnowledgeBase:
+class SQLiteKnowledge(Knowledge):
     """One process's connection to the knowledge base file; opening it creates or migrates the schema.
 
     Without `on_degraded` a file that cannot serve raises KnowledgeError (the `calm kb` commands, profile,
@@ -384,12 +333,6 @@ class KnowledgeBase:
     def close(self) -> None:
         with suppress(sqlite3.Error):  # closing a connection to a failing file may fail too; it is gone anyway
             self._conn.close()
-
-    def __enter__(self) -> KnowledgeBase:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- transactions and schema --------------------------------------------------------------------------
 
@@ -502,22 +445,18 @@ class KnowledgeBase:
                 if d.get(name) is not None:
                     d[name] = bool(d[name])
             if "embedding" in d:
-                d["embedding"] = np.frombuffer(d["embedding"], dtype=_EMBEDDING)
+                d["embedding"] = np.frombuffer(d["embedding"], dtype=EMBEDDING)
             out.append(d)
         return out
 
     # -- observations (Monitor) ---------------------------------------------------------------------------
 
-    def record(self, obs: dict) -> None:
-        """Store one served request."""
-        self.record_many([obs])
-
     @_guarded()
     def record_many(self, observations: list[dict]) -> None:
         """Store many served requests in one transaction; nothing is stored if any of them is invalid."""
         for obs in observations:
-            _check_keys("observation", obs, OBSERVATION_REQUIRED, OBSERVATION_DEFAULTS)
-        rows = [{**OBSERVATION_DEFAULTS, **_plain(obs)} for obs in observations]
+            check_keys("observation", obs, OBSERVATION_REQUIRED, OBSERVATION_DEFAULTS)
+        rows = [{**OBSERVATION_DEFAULTS, **plain(obs)} for obs in observations]
         sql = (f"INSERT INTO observations ({', '.join(OBSERVATION_FIELDS)}) "
                f"VALUES ({', '.join(':' + f for f in OBSERVATION_FIELDS)})")
         with self._write() as conn:
@@ -539,8 +478,8 @@ class KnowledgeBase:
     @_guarded()
     def upsert_profile(self, model: str, precision: str, provider: str, **metrics: Any) -> None:
         """Create or update the profile of (model, precision, provider); metrics not given keep their value."""
-        _check_keys("profile", metrics, (), PROFILE_METRICS)
-        row = {"updated_at": time.time(), **_plain(metrics)}
+        check_keys("profile", metrics, (), PROFILE_METRICS)
+        row = {"updated_at": time.time(), **plain(metrics)}
         cols = list(row)
         with self._write() as conn:
             conn.execute(f"INSERT INTO profiles (model, precision, provider, {', '.join(cols)}) "
@@ -548,6 +487,7 @@ class KnowledgeBase:
                          f"ON CONFLICT (model, precision, provider) DO UPDATE SET "
                          f"{', '.join(f'{c} = excluded.{c}' for c in cols)}",
                          [model, precision, provider, *row.values()])
+            conn.execute(_BUMP)
 
     @_guarded()
     def profile(self, model: str, precision: str | None = None, provider: str | None = None) -> dict | None:
@@ -572,9 +512,9 @@ class KnowledgeBase:
         now = time.time()
         clean = []
         for row in rows:
-            _check_keys("calibration row", row, CALIBRATION_REQUIRED, CALIBRATION_DEFAULTS)
-            r = {**CALIBRATION_DEFAULTS, **_plain(row)}
-            embedding = np.asarray(r["embedding"], dtype=_EMBEDDING)
+            check_keys("calibration row", row, CALIBRATION_REQUIRED, CALIBRATION_DEFAULTS)
+            r = {**CALIBRATION_DEFAULTS, **plain(row)}
+            embedding = np.asarray(r["embedding"], dtype=EMBEDDING)
             if embedding.ndim != 1 or embedding.size == 0:
                 raise ValueError(f"calibration row {r['model']}/{r['task']}/{r['item_id']}: embedding must be "
                                  f"a non-empty vector, got shape {embedding.shape}")
@@ -587,6 +527,7 @@ class KnowledgeBase:
                f"{', '.join(f'{c} = excluded.{c}' for c in cols if c not in keys)}")
         with self._write() as conn:
             conn.executemany(sql, clean)
+            conn.execute(_BUMP)
 
     @_guarded()
     def calibration(self, models: list[str] | None = None) -> CalibrationSet:
@@ -598,31 +539,12 @@ class KnowledgeBase:
         if models is not None:
             sql += f" WHERE model IN ({', '.join('?' for _ in models)})"
             args = list(models)
-        index: dict[tuple[str, str], int] = {}
-        items: list = []
-        vectors: list = []
-        scored: list[tuple[str, int, float]] = []
-        for row in self._rows("calibration", self._conn.execute(sql + " ORDER BY task, item_id, ts", args)):
-            key = (row["task"], row["item_id"])
-            i = index.setdefault(key, len(items))
-            if i == len(items):
-                items.append(None)
-                vectors.append(None)
-            items[i], vectors[i] = (*key, row["domain"]), row["embedding"]  # rows come oldest first: newest wins
-            scored.append((row["model"], i, row["score"], row["confidence"]))
-        dims = sorted({v.size for v in vectors})
+        rows = self._rows("calibration", self._conn.execute(sql + " ORDER BY task, item_id, ts", args))
+        found, dims = calibration_set(rows, models)
         if len(dims) > 1:
             raise KnowledgeError(self.path, f"calibration embeddings have different dimensions {dims}",
                                  f"re-run `calm profile` with one encoder, or {reset_remedy(self.path)}")
-        embeddings = np.stack(vectors) if vectors else np.zeros((0, 0), dtype=_EMBEDDING)
-        names = list(models) if models is not None else sorted({m for m, *_ in scored})
-        scores = {m: np.full(len(items), np.nan) for m in names}
-        confidence = {m: np.full(len(items), np.nan) for m in names}
-        for model, i, score, conf in scored:
-            scores[model][i] = score
-            confidence[model][i] = np.nan if conf is None else conf
-        return CalibrationSet(embeddings=embeddings.astype(np.float32, copy=False), items=items, scores=scores,
-                              confidence=confidence)
+        return found
 
     @_guarded()
     def domain_quality(self) -> dict[tuple[str, str | None], tuple[float, int]]:
@@ -631,6 +553,10 @@ class KnowledgeBase:
             self._check_stored(conn, "calibration", ("model", "domain", "score"))
             rows = conn.execute("SELECT model, domain, avg(score), count(*) FROM calibration GROUP BY model, domain")
             return {(m, d): (float(mean), int(n)) for m, d, mean, n in rows}
+
+    @_guarded()
+    def learned_version(self) -> int:
+        return int(self._conn.execute("SELECT value FROM meta WHERE key = 'learned_version'").fetchone()[0])
 
     # -- maintenance (`calm kb ...`) ----------------------------------------------------------------------
 
@@ -669,8 +595,8 @@ class KnowledgeBase:
                     "observations": n,
                     "errors": errors,
                     "error_rate": errors / n,
-                    "p50_latency_ms": _percentile(latencies.get(model, []), 50),
-                    "p95_latency_ms": _percentile(latencies.get(model, []), 95),
+                    "p50_latency_ms": percentile(latencies.get(model, []), 50),
+                    "p95_latency_ms": percentile(latencies.get(model, []), 95),
                     "mean_energy_j": energy,
                 }
                 for model, n, errors, energy in per_model
@@ -699,3 +625,4 @@ class KnowledgeBase:
             self._check_integrity(conn)
             for table in TABLES:
                 conn.execute(f"DELETE FROM {table}")
+            conn.execute(_BUMP)
