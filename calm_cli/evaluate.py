@@ -10,8 +10,9 @@
   question followed by a target ("The genre of X is comedy"). Arithmetic compares numbers instead: the first
   number after the last "=" of that line if it has one, else its first number.
 - Code (HumanEval): the model writes the function (chat models: a ```python block, whole function or body;
-  base models: the body, continuing the prompt), and prompt + solution + test + check(entry_point) runs
-  in calm_cli.sandbox only. pass@1 with greedy decoding.
+  base models: the body, continuing the prompt). prompt + solution runs in a sandboxed worker that answers
+  calls to the entry point; the test's check() runs in a separate sandboxed checker the solution cannot
+  reach (calm_cli.sandbox.run_check). pass@1 with greedy decoding.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import ast
 import math
 import re
-import secrets
 import textwrap
 import time
 import unicodedata
@@ -31,11 +31,12 @@ import numpy as np
 from calm_cli.engine.prompt import render, stop_strings
 from calm_cli.engine.sampling import Sampling, log_softmax
 from calm_cli.fleet.lock import ModelSpec
-from calm_cli.sandbox import run_python
+from calm_cli.sandbox import run_check
 from calm_cli.tasks import LETTERS, Item
 
 if TYPE_CHECKING:
-    from calm_cli.engine.generate import Completion, Decoder
+    from calm_cli.engine.complete import Completion
+    from calm_cli.engine.decoder import Decoder
 
 RULES = ("mean", "sum")
 DEFAULT_RULE = "mean"
@@ -161,19 +162,23 @@ def generation_prompt(spec: ModelSpec, item: Item) -> tuple[str, list[str]]:
 def option_logprobs(decoder: Decoder, context: list[int], continuations: list[list[int]]) -> list[list[float]]:
     """Per-token log-probabilities of each continuation after `context`, the context run only once.
 
-    Uses the decoder's KV cache (its `_forward`) when it has one; otherwise `decoder.score` per option.
+    An engine Decoder runs the context once and branches its past (engine.decode.forward); any other scorer
+    is asked for `score(context, continuation)` per option.
     """
-    if not hasattr(decoder, "_forward") or not hasattr(decoder, "_empty_cache"):
+    from calm_cli.engine.decode import forward
+    from calm_cli.engine.decoder import Decoder, PromptError
+    from calm_cli.engine.kv import empty_past
+
+    if not isinstance(decoder, Decoder):
         return [decoder.score(context, c) for c in continuations]
-    from calm_cli.engine.generate import PromptError
 
     longest = max(len(c) for c in continuations)
     if len(context) + longest > decoder.context:
         raise PromptError(f"{len(context) + longest} tokens exceed the context window of {decoder.context} tokens")
     n = len(context)
     ones = np.ones((1, n), dtype=np.int64)
-    logits, past = decoder._forward(np.asarray([context], dtype=np.int64), ones,
-                                    np.arange(n, dtype=np.int64)[None, :], decoder._empty_cache(1))
+    logits, past = forward(decoder, np.asarray([context], dtype=np.int64), ones,
+                           np.arange(n, dtype=np.int64)[None, :], empty_past(decoder, 1))
     first = log_softmax(logits[0, -1])
     out = []
     for cont in continuations:
@@ -181,8 +186,8 @@ def option_logprobs(decoder: Decoder, context: list[int], continuations: list[li
         if len(cont) > 1:
             step = cont[:-1]
             total = n + len(step)
-            more, _ = decoder._forward(np.asarray([step], dtype=np.int64), np.ones((1, total), dtype=np.int64),
-                                       np.arange(n, total, dtype=np.int64)[None, :], past)
+            more, _ = forward(decoder, np.asarray([step], dtype=np.int64), np.ones((1, total), dtype=np.int64),
+                              np.arange(n, total, dtype=np.int64)[None, :], past)
             logp = log_softmax(more[0])
             values += [float(logp[i, t]) for i, t in enumerate(cont[1:])]
         out.append(values)
@@ -250,28 +255,26 @@ def sanitize(code: str) -> str:
     return ast.unparse(ast.Module(body=kept, type_ignores=[])) + "\n"
 
 
-def humaneval_program(item: Item, completion: str, whole_function: bool, nonce: str) -> str:
-    """prompt + solution + test + check(entry_point), then a nonce printed only if check returned."""
+def humaneval_program(item: Item, completion: str, whole_function: bool) -> str:
+    """The candidate module: prompt + solution (never the test, which only the checker sees)."""
     if whole_function:
-        solution = item.prompt + "\n\n" + sanitize(completion)
-    else:
-        body = completion if completion.strip() and completion.lstrip("\n")[:1] in (" ", "\t") \
-            else textwrap.indent(completion, "    ")
-        solution = item.prompt + body
-    return f"{solution}\n\n{item.test}\n\ncheck({item.entry_point})\nprint({nonce!r})\n"
+        return item.prompt + "\n\n" + sanitize(completion)
+    body = completion if completion.strip() and completion.lstrip("\n")[:1] in (" ", "\t") \
+        else textwrap.indent(completion, "    ")
+    return item.prompt + body
 
 
 def run_humaneval(item: Item, completion: str, whole_function: bool,
                   timeout_s: float | None = None) -> tuple[bool, str]:
-    """(passed, detail) for a solution, run only in the sandbox. Passing needs exit 0 AND the nonce printed
-    after check(): a solution that exits early (sys.exit(0), os._exit) does not pass."""
-    nonce = "calm-check-passed-" + secrets.token_hex(8)
-    result = run_python(humaneval_program(item, completion, whole_function, nonce),
-                        timeout_s=CODE_TIMEOUT_S if timeout_s is None else timeout_s)
-    passed = result.passed and result.stdout_tail.rstrip().endswith(nonce)
-    status = "passed" if passed else ("failed (exited before check finished)" if result.passed else result.status)
-    tail = result.stderr_tail[-600:]
-    return passed, status + (f": {tail}" if tail and not passed else "")
+    """(passed, detail) for a solution. Passed means the test's check() returned in the checker, calling the
+    solution in its own sandbox: nothing the solution prints, exits with or reads can make it pass."""
+    result = run_check(humaneval_program(item, completion, whole_function), item.entry_point, item.test,
+                       context=item.prompt, timeout_s=CODE_TIMEOUT_S if timeout_s is None else timeout_s)
+    weaker = " [sandbox: audit hooks only]" if result.level == "audit-hooks" else ""
+    if result.passed:
+        return True, "passed" + weaker
+    output = f" | output: {result.output_tail[-300:]}" if result.output_tail else ""
+    return False, f"{result.status}: {result.reason}"[:600] + output + weaker
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -297,12 +300,14 @@ def grade(item: Item, text: str) -> tuple[float, bool, str, str]:
 
 def generate_answer(decoder: Decoder, spec: ModelSpec, item: Item, max_new_tokens: int | None = None) -> Completion:
     """The model's greedy Completion for `item` (short answers and code)."""
+    from calm_cli.engine.complete import complete
+
     prompt, stops = generation_prompt(spec, item)
-    return decoder.complete(prompt, max_new_tokens or item.max_new_tokens, Sampling(), stop=stops)
+    return complete(decoder, prompt, max_new_tokens or item.max_new_tokens, Sampling(), stop=stops)
 
 
 def evaluate_item(decoder: Decoder, spec: ModelSpec, item: Item, rule: str = DEFAULT_RULE) -> Outcome:
-    """Score `decoder` (a calm_cli.engine.generate.Decoder of the model `spec`) on one item."""
+    """Score `decoder` (a calm_cli.engine.decoder.Decoder of the model `spec`) on one item."""
     if item.kind == "mc":
         return score_mc(decoder, spec, item, rule)
     completion = generate_answer(decoder, spec, item)

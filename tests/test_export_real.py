@@ -59,18 +59,19 @@ def test_int4_agrees_with_fp32_when_fed_the_same_text(smollm2: dict[str, Path]) 
 
     (Greedy answers can part at near-ties: on 'What is the capital of France?' fp32 prefers 'The' over
     'L' by 0.08 logits, and llama.cpp on the same GGUF, like int4, says 'L'Étoile'.)"""
-    from calm_cli.engine.generate import Decoder
+    from calm_cli.engine import decode
+    from calm_cli.engine.decoder import Decoder
     from calm_cli.engine.prompt import render
     from calm_cli.fleet import lock
 
     spec = lock.load()["smollm2-135m"]
-    fp32, int4 = Decoder(smollm2["fp32"]), Decoder(smollm2["int4"])
+    fp32, int4 = Decoder.load(smollm2["fp32"]), Decoder.load(smollm2["int4"])
     same = total = 0
     for q in ("What is the capital of France?", "Write a Python function that adds two numbers.",
               "Name three colours of the rainbow.", "Why is the sky blue?", "What is 12 plus 7?"):
         ids = fp32.encode(render(spec.prompt, q))
-        text = ids + list(fp32.greedy(ids, 40))
-        a, b = fp32.logits(text)[len(ids) - 1:-1], int4.logits(text)[len(ids) - 1:-1]
+        text = ids + list(decode.greedy(fp32, ids, 40))
+        a, b = decode.logits(fp32, text)[len(ids) - 1:-1], decode.logits(int4, text)[len(ids) - 1:-1]
         same += int((a.argmax(-1) == b.argmax(-1)).sum())
         total += len(a)
     # At accuracy level 4 (int8 activations, as llama.cpp): 0.973 over 20 prompts (docs/EXPORT.md), 161/167 on

@@ -12,8 +12,12 @@ pytest.importorskip("optimum.exporters.onnx")
 
 import numpy as np  # noqa: E402
 
-from calm_cli.engine.generate import Decoder, PromptError  # noqa: E402
+from calm_cli.engine import decode  # noqa: E402
+from calm_cli.engine.batch import generate_batch  # noqa: E402
+from calm_cli.engine.complete import complete  # noqa: E402
+from calm_cli.engine.decoder import Decoder, PromptError  # noqa: E402
 from calm_cli.engine.sampling import Sampling  # noqa: E402
+from calm_cli.engine.textstream import TextStream  # noqa: E402
 from calm_cli.fleet.export_worker import _optimum_export  # noqa: E402
 from conftest import expected_provider  # noqa: E402
 from tiny_models import EOS, save_tokenizer, tiny_model  # noqa: E402
@@ -24,7 +28,7 @@ def exported(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     _optimum_export(model, out, "text-generation-with-past")
     save_tokenizer(out)
-    return model, Decoder(out)
+    return model, Decoder.load(out)
 
 
 def _assert_same_greedy(reference, decoder: Decoder, seed: int, lengths: tuple[int, ...]) -> None:
@@ -36,7 +40,7 @@ def _assert_same_greedy(reference, decoder: Decoder, seed: int, lengths: tuple[i
                                   max_new_tokens=20, eos_token_id=EOS, pad_token_id=EOS)[0, length:].tolist()
         if EOS in want:
             want = want[: want.index(EOS)]
-        assert list(decoder.greedy(prompt[0].tolist(), 20)) == want, f"prompt length {length}"
+        assert list(decode.greedy(decoder, prompt[0].tolist(), 20)) == want, f"prompt length {length}"
 
 
 def test_greedy_tokens_equal_transformers(exported) -> None:
@@ -56,8 +60,9 @@ def test_greedy_tokens_equal_optimum_ortmodel(exported) -> None:
 def test_streamed_text_equals_decoded_tokens(exported) -> None:
     _, decoder = exported
     ids = decoder.encode("héllo, wörld ✓")
-    text = "".join(decoder.stream_text("héllo, wörld ✓", 20))
-    assert text == decoder.tokenizer.decode(list(decoder.greedy(ids, 20)), skip_special=True)
+    stream = TextStream(decoder.tokenizer)
+    text = "".join(stream.push(t) for t in decode.greedy(decoder, ids, 20)) + stream.finish()
+    assert text == decoder.tokenizer.decode(list(decode.greedy(decoder, ids, 20)), skip_special=True)
 
 
 def test_prompt_errors_are_clear(exported) -> None:
@@ -65,7 +70,7 @@ def test_prompt_errors_are_clear(exported) -> None:
     with pytest.raises(PromptError, match="empty"):
         decoder.encode("")
     with pytest.raises(PromptError, match="context window of 256"):
-        list(decoder.greedy([1] * 250, 10))
+        list(decode.greedy(decoder, [1] * 250, 10))
 
 
 def test_scores_equal_pytorch_log_likelihoods(exported) -> None:
@@ -76,15 +81,15 @@ def test_scores_equal_pytorch_log_likelihoods(exported) -> None:
         logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
     context, continuation = ids[0, :9].tolist(), ids[0, 9:].tolist()
     want = [float(logp[8 + i, t]) for i, t in enumerate(continuation)]
-    got = decoder.score(context, continuation)
+    got = decode.score(decoder, context, continuation)
     assert np.allclose(got, want, atol=1e-4), (got, want)
 
 
 def test_generation_logprobs_match_scoring(exported) -> None:
     _, decoder = exported
     prompt = [3, 14, 15, 92, 65]
-    steps = list(decoder.generate(prompt, 8))
-    scored = decoder.score(prompt, [s.token for s in steps])
+    steps = list(decode.generate(decoder, prompt, 8))
+    scored = decode.score(decoder, prompt, [s.token for s in steps])
     assert np.allclose([s.logprob for s in steps], scored, atol=1e-4)
 
 
@@ -92,33 +97,33 @@ def test_seeded_sampling_repeats_and_differs_from_greedy(exported) -> None:
     _, decoder = exported
     prompt = [5, 6, 7]
     hot = Sampling(temperature=1.5, top_k=50, top_p=0.95, seed=7)
-    first = [s.token for s in decoder.generate(prompt, 12, hot)]
-    again = [s.token for s in decoder.generate(prompt, 12, hot)]
+    first = [s.token for s in decode.generate(decoder, prompt, 12, hot)]
+    again = [s.token for s in decode.generate(decoder, prompt, 12, hot)]
     assert first == again
-    other = [s.token for s in decoder.generate(prompt, 12, Sampling(temperature=1.5, seed=8))]
-    greedy = list(decoder.greedy(prompt, 12))
+    other = [s.token for s in decode.generate(decoder, prompt, 12, Sampling(temperature=1.5, seed=8))]
+    greedy = list(decode.greedy(decoder, prompt, 12))
     assert first != greedy or other != greedy
 
 
 def test_top_k_one_is_greedy(exported) -> None:
     _, decoder = exported
     prompt = [9, 10, 11]
-    sampled = [s.token for s in decoder.generate(prompt, 10, Sampling(temperature=2.0, top_k=1, seed=1))]
-    assert sampled == list(decoder.greedy(prompt, 10))
+    sampled = [s.token for s in decode.generate(decoder, prompt, 10, Sampling(temperature=2.0, top_k=1, seed=1))]
+    assert sampled == list(decode.greedy(decoder, prompt, 10))
 
 
 def test_batched_greedy_equals_one_by_one(exported) -> None:
     _, decoder = exported
     prompts = [[1, 2, 3, 4, 5, 6, 7], [8], [9, 10, 11]]
-    assert decoder.generate_batch(prompts, 10) == [list(decoder.greedy(p, 10)) for p in prompts]
+    assert generate_batch(decoder, prompts, 10) == [list(decode.greedy(decoder, p, 10)) for p in prompts]
 
 
 def test_stop_strings_end_the_answer_and_are_not_shown(exported) -> None:
     _, decoder = exported
-    full = decoder.complete("abc", 30).text
+    full = complete(decoder, "abc", 30).text
     assert len(full) > 6
     stop = full[3:5]
-    cut = decoder.complete("abc", 30, stop=[stop])
+    cut = complete(decoder, "abc", 30, stop=[stop])
     assert cut.text == full[: full.index(stop)]
     assert cut.stop_reason == "stop_string"
 
@@ -126,7 +131,7 @@ def test_stop_strings_end_the_answer_and_are_not_shown(exported) -> None:
 def test_streamed_pieces_join_to_the_record_text(exported) -> None:
     _, decoder = exported
     pieces: list[str] = []
-    done = decoder.complete("xyz", 25, on_text=pieces.append)
+    done = complete(decoder, "xyz", 25, on_text=pieces.append)
     assert "".join(pieces) == done.text
     assert done.tokens_out == len(done.logprobs) and done.tokens_in == 3
     assert done.provider == expected_provider() and done.energy_j >= 0

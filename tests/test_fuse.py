@@ -1,4 +1,4 @@
-"""The fused decoder graph (fleet/fuse.py) against Optimum's plain graph on tiny random models (llama, qwen2,
+"""The fused decoder graph (fleet/graph/fuse.py) against Optimum's plain graph on tiny random models (llama, qwen2,
 gemma3), in fp32 and with the GGUF-block MatMulNBits of the int4 rewrite: same greedy tokens, scores and
 logits within 1e-4, batches and the growing-cache step included."""
 
@@ -19,11 +19,14 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
-from calm_cli.engine.generate import Decoder  # noqa: E402
+from calm_cli.engine import decode  # noqa: E402
+from calm_cli.engine.batch import generate_batch  # noqa: E402
+from calm_cli.engine.decoder import Decoder  # noqa: E402
+from calm_cli.engine.kv import empty_past  # noqa: E402
 from calm_cli.engine.session import FUSED_GRAPH  # noqa: E402
-from calm_cli.fleet import fuse  # noqa: E402
+from calm_cli.fleet.graph import fuse  # noqa: E402
 from calm_cli.fleet.export_worker import _optimum_export  # noqa: E402
-from calm_cli.fleet.int4 import quantize_from_gguf  # noqa: E402
+from calm_cli.fleet.graph.int4 import quantize_from_gguf  # noqa: E402
 from gguf_fixtures import random_blocks  # noqa: E402
 from tiny_models import EOS, save_tokenizer, tiny_model  # noqa: E402
 
@@ -86,7 +89,7 @@ def pair(request, tmp_path_factory) -> tuple[Decoder, Decoder]:
     fused = root / "fused"
     shutil.copytree(plain, fused)
     fuse.fuse_export(fused)
-    return Decoder(plain), Decoder(fused)
+    return Decoder.load(plain), Decoder.load(fused)
 
 
 def test_the_fused_graph_is_served_and_compact(pair) -> None:
@@ -104,42 +107,43 @@ def test_greedy_tokens_equal_the_plain_graph(pair) -> None:
     generator = np.random.default_rng(1)
     for length in (1, 5, 23):  # 23 > the gemma3 sliding window
         prompt = generator.integers(0, EOS, length).tolist()
-        assert list(fused.greedy(prompt, 20)) == list(plain.greedy(prompt, 20)), f"prompt length {length}"
+        assert list(decode.greedy(fused, prompt, 20)) == list(decode.greedy(plain, prompt, 20)), \
+            f"prompt length {length}"
 
 
 def test_scores_and_logits_match_the_plain_graph(pair) -> None:
     plain, fused = pair
     ids = np.random.default_rng(2).integers(0, EOS, 17).tolist()
-    assert np.allclose(fused.logits(ids), plain.logits(ids), atol=1e-4)
-    assert np.allclose(fused.score(ids[:9], ids[9:]), plain.score(ids[:9], ids[9:]), atol=1e-4)
+    assert np.allclose(decode.logits(fused, ids), decode.logits(plain, ids), atol=1e-4)
+    assert np.allclose(decode.score(fused, ids[:9], ids[9:]), decode.score(plain, ids[:9], ids[9:]), atol=1e-4)
 
 
 def test_generation_logprobs_match_scoring(pair) -> None:
     _, fused = pair
     prompt = [3, 14, 15, 92, 65]
-    steps = list(fused.generate(prompt, 8, stop_at_eos=False))
-    assert np.allclose([s.logprob for s in steps], fused.score(prompt, [s.token for s in steps]), atol=1e-4)
+    steps = list(decode.generate(fused, prompt, 8, stop_at_eos=False))
+    assert np.allclose([s.logprob for s in steps], decode.score(fused, prompt, [s.token for s in steps]), atol=1e-4)
 
 
 def test_batches_are_right_padded_and_equal_one_by_one(pair) -> None:
     plain, fused = pair
     prompts = [[1, 2, 3, 4, 5, 6, 7], [8], [9, 10, 11]]
-    want = [list(plain.greedy(p, 10)) for p in prompts]
-    assert fused.generate_batch(prompts, 10) == want == plain.generate_batch(prompts, 10)
+    want = [list(decode.greedy(plain, p, 10)) for p in prompts]
+    assert generate_batch(fused, prompts, 10) == want == generate_batch(plain, prompts, 10)
 
 
 def test_growing_cache_steps_branch_from_one_context(pair) -> None:
-    """`_forward` with a numpy past (one context, several continuations) gives the scores `score` gives."""
+    """`forward` with a numpy past (one context, several continuations) gives the scores `score` gives."""
     plain, fused = pair
     context, branches = [5, 6, 7, 8, 9], [[10, 11, 12], [13, 14]]
     n = len(context)
-    _, past = fused._forward(np.asarray([context]), np.ones((1, n), np.int64), np.arange(n)[None],
-                             fused._empty_cache(1))
+    _, past = decode.forward(fused, np.asarray([context]), np.ones((1, n), np.int64), np.arange(n)[None],
+                             empty_past(fused, 1))
     for branch in branches:
         total = n + len(branch)
-        logits, _ = fused._forward(np.asarray([branch]), np.ones((1, total), np.int64),
+        logits, _ = decode.forward(fused, np.asarray([branch]), np.ones((1, total), np.int64),
                                    np.arange(n, total)[None], past)
-        assert np.allclose(logits[0], plain.logits(context + branch)[n:], atol=1e-4)
+        assert np.allclose(logits[0], decode.logits(plain, context + branch)[n:], atol=1e-4)
 
 
 def test_unknown_architectures_are_refused(tmp_path) -> None:
@@ -159,8 +163,8 @@ def test_block_sums_by_reduction_equal_block_sums_by_product(pair, tmp_path, mon
     monkeypatch.setattr(fuse._Builder, "ONES_BYTES", 0)
     shutil.copytree(plain.directory, tmp_path / "reduced")
     fuse.fuse_export(tmp_path / "reduced")
-    reduced = Decoder(tmp_path / "reduced")
+    reduced = Decoder.load(tmp_path / "reduced")
     ops = {n.op_type for n in onnx.load(str(tmp_path / "reduced" / FUSED_GRAPH), load_external_data=False).graph.node}
     assert "ReduceSum" in ops
     ids = [7, 1, 8, 2, 8, 1, 8, 2, 8]
-    assert np.allclose(reduced.logits(ids), fused.logits(ids), atol=1e-4)
+    assert np.allclose(decode.logits(reduced, ids), decode.logits(fused, ids), atol=1e-4)

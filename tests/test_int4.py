@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gguf_fixtures import FP16_FIELDS, random_blocks
 from calm_cli.fleet.gguf_blocks import decode_blocks, llama_unpermute_rows
-from calm_cli.fleet.int4 import GGUFWeightMismatch, quantize_from_gguf, to_matmulnbits
+from calm_cli.fleet.graph.int4 import GGUFWeightMismatch, quantize_from_gguf, to_matmulnbits
 
 IR_VERSION = 10  # onnx 1.23 writes 14 by default; onnxruntime 1.31 reads up to 13
 HIDDEN, FFN, N_HEAD, N_HEAD_KV = 256, 512, 4, 2

@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-SERVING_MODULES = ["calm_cli.cli", "calm_cli.engine.generate", "calm_cli.engine.session", "calm_cli.engine.prompt",
+SERVING_MODULES = ["calm_cli.cli", "calm_cli.engine.complete", "calm_cli.engine.batch", "calm_cli.engine.session",
+                   "calm_cli.engine.prompt", "calm_cli.engine.tokenizer",
                    "calm_cli.fleet.gguf_tokenizer", "calm_cli.fleet.pull", "calm_cli.fleet.export",
                    "calm_cli.orchestrator", "calm_cli.serving", "calm_cli.knowledge", "calm_cli.execute",
                    "calm_cli.plan", "calm_cli.analyze", "calm_cli.monitor", "calm_cli.policy"]

@@ -1,4 +1,4 @@
-"""Continuous batching (engine/slots.py) on tiny fused decoders: requests that join a running batch at step
+"""Continuous batching (engine/batch.py) on tiny fused decoders: requests that join a running batch at step
 boundaries and leave when they finish choose the same greedy tokens as each decoded alone, apart from
 divergences that start at a numerical near-tie between the two best tokens (counted, never assumed)."""
 
@@ -10,9 +10,10 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("optimum.exporters.onnx")
 
-from calm_cli.engine.generate import Decoder, PromptError  # noqa: E402
-from calm_cli.engine.slots import Slots  # noqa: E402
-from calm_cli.fleet import fuse  # noqa: E402
+from calm_cli.engine.batch import Slots  # noqa: E402
+from calm_cli.engine.decoder import Decoder, PromptError  # noqa: E402
+from calm_cli.engine.kv import open_kv  # noqa: E402
+from calm_cli.fleet.graph import fuse  # noqa: E402
 from calm_cli.fleet.export_worker import _optimum_export  # noqa: E402
 from tiny_models import EOS, save_tokenizer, tiny_model  # noqa: E402
 
@@ -25,13 +26,13 @@ def decoder(request, tmp_path_factory) -> Decoder:
     _optimum_export(tiny_model(request.param), out, "text-generation-with-past")
     fuse.fuse_export(out)
     save_tokenizer(out)
-    return Decoder(out)
+    return Decoder.load(out)
 
 
 def alone(decoder: Decoder, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
     """Greedy tokens decoded alone, and the gap between the best two logits at each choice."""
     tokens, gaps = [], []
-    cache = decoder._cache(1, len(prompt) + n)
+    cache = open_kv(decoder, 1, len(prompt) + n)
     step = prompt
     for _ in range(n):
         logits = cache.feed([step])[0]

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from calm_cli.fleet.gguf_tokenizer import build_tokenizer, load_tokenizer, tokenizer_from_metadata
+from calm_cli.engine.tokenizer import load_tokenizer
+from calm_cli.fleet.gguf_tokenizer import build_tokenizer, tokenizer_from_metadata
 
 GOLDEN_DIR = Path(__file__).parent / "fixtures" / "golden_tokens"
 

@@ -14,8 +14,9 @@ import torch
 import transformers
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-from calm_cli.fleet import fuse, lock
+from calm_cli.fleet import lock
 from calm_cli.fleet.export_worker import _optimum_export
+from calm_cli.fleet.graph import fuse
 from calm_cli.fleet.store import Store, write_manifest
 from tiny_models import EOS, VOCAB, save_tokenizer
 

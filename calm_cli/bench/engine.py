@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from calm_cli.engine.prompt import render
-from calm_cli.fleet.gguf_tokenizer import load_tokenizer
+from calm_cli.engine.tokenizer import load_tokenizer
 from calm_cli.fleet.lock import ModelSpec
 from calm_cli.fleet.store import Store
 

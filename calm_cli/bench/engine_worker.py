@@ -21,8 +21,11 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
+
+from calm_cli.fleet.graph.names import is_block_sum
 
 if TYPE_CHECKING:  # imported for real inside the functions: llama.cpp and transformers runs never load it
     import onnxruntime as ort
@@ -30,7 +33,7 @@ if TYPE_CHECKING:  # imported for real inside the functions: llama.cpp and trans
 RunFn = Callable[[list[int], int], tuple[float, float]]  # -> (ttft_s, total_s)
 ProfileFn = Callable[[list[int], int], float]  # -> weight products' share of a decode step
 
-PRODUCTS = {"MatMulNBits", "MatMul", "Gemm"}  # with the BlockSum nodes of the min corrections (int4.py)
+PRODUCTS = {"MatMulNBits", "MatMul", "Gemm"}  # with the block sums of the min corrections (is_block_sum)
 
 
 def products_share(profile: Path) -> float:
@@ -44,7 +47,7 @@ def products_share(profile: Path) -> float:
         raise ValueError(f"{profile}: {len(runs)} runs profiled, need the prompt and at least one decode step")
     products = sum(e["dur"] for e in events
                    if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= runs[1][0]
-                   and (e.get("args", {}).get("op_name") in PRODUCTS or "/BlockSum" in e["name"]))
+                   and (e.get("args", {}).get("op_name") in PRODUCTS or is_block_sum(e["name"])))
     return products / sum(dur for _, dur in runs[1:])
 
 
@@ -63,14 +66,15 @@ def _profiled_options(threads: int | None, directory: str) -> ort.SessionOptions
 
 
 def _calm(export_dir: Path, threads: int) -> tuple[RunFn, str, ProfileFn | None]:
-    from calm_cli.engine.generate import Decoder
+    from calm_cli.engine.decode import generate
+    from calm_cli.engine.decoder import Decoder
 
-    decoder = Decoder(export_dir)
+    decoder = Decoder.load(export_dir)
 
     def run(ids: list[int], n: int) -> tuple[float, float]:
         start = time.perf_counter()
         first = None
-        for _ in decoder.generate(ids, n, stop_at_eos=False):
+        for _ in generate(decoder, ids, n, stop_at_eos=False):
             first = first or time.perf_counter()
         return first - start, time.perf_counter() - start
 
@@ -79,12 +83,12 @@ def _calm(export_dir: Path, threads: int) -> tuple[RunFn, str, ProfileFn | None]
 
         from calm_cli.engine.session import decoder_graph, requested_providers
 
-        with tempfile.TemporaryDirectory() as tmp:  # after the timed runs: the decoder's session is swapped
-            decoder.session = ort.InferenceSession(str(decoder_graph(export_dir)), _profiled_options(None, tmp),
-                                                   providers=requested_providers())
-            for _ in decoder.generate(ids, n, stop_at_eos=False):
+        with tempfile.TemporaryDirectory() as tmp:  # after the timed runs: the same decoder on a profiled session
+            profiled = replace(decoder, session=ort.InferenceSession(
+                str(decoder_graph(export_dir)), _profiled_options(None, tmp), providers=requested_providers()))
+            for _ in generate(profiled, ids, n, stop_at_eos=False):
                 pass
-            return products_share(Path(decoder.session.end_profiling()))
+            return products_share(Path(profiled.session.end_profiling()))
 
     return run, decoder.provider, profile
 

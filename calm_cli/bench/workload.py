@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from calm_cli import evaluate, tasks
-from calm_cli.engine.generate import Decoder
+from calm_cli.engine.decoder import Decoder
 from calm_cli.fleet import lock
 from calm_cli.fleet.store import Store
 from calm_cli.knowledge import Knowledge, KnowledgeError, open_knowledge
@@ -117,7 +117,7 @@ def run_alone(name: str, store: Store, precision: str, items: list[tasks.Item], 
     """One member answers everything; its load is paid by the first query."""
     spec = lock.load()[name]
     started = time.perf_counter()
-    decoder = Decoder(store.exports(name)[precision])
+    decoder = Decoder.load(store.exports(name)[precision])
     load_ms = (time.perf_counter() - started) * 1000
     results = []
     for i, item in enumerate(items):

@@ -72,7 +72,7 @@ def export_decoder(spec: ModelSpec, source: Path, out: Path, precision: str, wor
         del model
         report["fp32_export_s"] = round(time.perf_counter() - t0, 1)
         if precision == "int4":
-            from calm_cli.fleet import int4
+            from calm_cli.fleet.graph import int4
 
             t0 = time.perf_counter()
             _phase("int4 blocks")
@@ -88,10 +88,10 @@ def export_decoder(spec: ModelSpec, source: Path, out: Path, precision: str, wor
             for name in ("config.json", "generation_config.json"):
                 if (fp32_dir / name).is_file():
                     shutil.copy2(fp32_dir / name, out / name)
-    from calm_cli.fleet import fuse
+    from calm_cli.fleet.graph import fuse
 
     _phase("fused graph")
-    try:  # the compact CPU graph beside Optimum's (fuse.py); a model it cannot take keeps the plain one only
+    try:  # the compact CPU graph beside Optimum's (graph/fuse.py); a model it cannot take keeps the plain one only
         fuse.fuse_export(out)
         report["fused"] = True
     except fuse.Unsupported as exc:

@@ -26,17 +26,22 @@ Q5_K   same, 5-bit q               8      32          scales=d*sc, mins=dmin*m
 Q6_K   d*sc*(q - 32) (16 x 16)     8      16          scales=d*sc, zero_point=32
 =====  ==========================  =====  ==========  ==========================
 
+:class:`GGUFFile` finds a transformers module's weight in a GGUF file and the row orders to try for it.
+
 Needs numpy and gguf (gguf-py) only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 __all__ = [
+    "GGUFFile",
     "QuantBlocks",
     "UnsupportedQuantType",
     "SUPPORTED_TYPES",
@@ -318,3 +323,70 @@ def llama_unpermute_rows(rows: int, n_head: int) -> np.ndarray:
 def permute_rows(blocks: QuantBlocks, index: np.ndarray) -> QuantBlocks:
     """``blocks`` with rows reordered: new row i is old row ``index[i]``."""
     return blocks.take_rows(index)
+
+
+# transformers module-name prefixes that differ from the plain causal-LM layout the gguf name map knows.
+_PREFIX_REWRITES = (
+    ("model.language_model.", "model."),
+    ("language_model.model.", "model."),
+    ("language_model.lm_head", "lm_head"),
+    ("transformer.", "model."),
+)
+
+
+class GGUFFile:
+    """A GGUF file's tensors, found by the transformers module that holds them (gguf-py's name map)."""
+
+    def __init__(self, path: Path):
+        self.reader = gguf.GGUFReader(str(path))
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.arch = self._str("general.architecture")
+        self.n_layers = self._int(f"{self.arch}.block_count", 0)
+        self.n_head = self._int(f"{self.arch}.attention.head_count", 0)
+        self.n_head_kv = self._int(f"{self.arch}.attention.head_count_kv", self.n_head)
+        arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}.get(self.arch)
+        self.name_map = gguf.get_tensor_name_map(arch_enum, self.n_layers) if arch_enum is not None else None
+
+    def _field(self, key):
+        f = self.reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    def _str(self, key) -> str:
+        v = self._field(key)
+        return v if isinstance(v, str) else ""
+
+    def _int(self, key, default: int) -> int:
+        v = self._field(key)
+        if isinstance(v, list):  # per-layer arrays: take the first
+            v = v[0] if v else None
+        return int(v) if v is not None else default
+
+    def tensor_for(self, module: str) -> str | None:
+        """GGUF weight name for a transformers module name (e.g. model.layers.0.mlp.up_proj)."""
+        if self.name_map is None:
+            return None
+        candidates = [module]
+        for old, new in _PREFIX_REWRITES:
+            if module.startswith(old):
+                candidates.append(new + module[len(old):])
+        for cand in candidates:
+            base = self.name_map.get_name(cand)
+            if base is None:
+                continue
+            name = base + ".weight"
+            if name in self.tensors:
+                return name
+            if base == "output" and "token_embd.weight" in self.tensors:
+                return "token_embd.weight"  # tied embeddings: llama.cpp uses token_embd as output
+        return None
+
+    def row_orders(self, gguf_name: str, rows: int) -> list[tuple[str, np.ndarray | None]]:
+        """Row orders to try, most likely first: identity and llama.cpp's q/k un-permutation."""
+        parts = gguf_name.split(".")
+        kind = parts[-2] if len(parts) >= 2 else ""
+        heads = {"attn_q": self.n_head, "attn_k": self.n_head_kv}.get(kind, 0)
+        orders: list[tuple[str, np.ndarray | None]] = [("identity", None)]
+        if heads and rows % (2 * heads) == 0:
+            un = ("unpermuted", llama_unpermute_rows(rows, heads))
+            orders = [un, orders[0]] if self.arch == "llama" else [orders[0], un]
+        return orders

@@ -5,15 +5,14 @@ source of truth for the ids the exported model expects. transformers' GGUF conve
 gets our files wrong (Unigram for Gemma, BOS for SmolLM2, an NFC normalizer for Qwen), so we build
 the ``tokenizers`` pipeline ourselves and prove it against llama.cpp (tests/test_tokenizers.py).
 
-Serving only needs :func:`load_tokenizer` (``tokenizers`` + ``json``); ``gguf`` is imported lazily
-because it is an export-time dependency.
+The tokenizer built here is calm_cli.engine.tokenizer's GGUFTokenizer: serving reads back what it saves
+with engine's :func:`~calm_cli.engine.tokenizer.load_tokenizer` and never imports this module. ``gguf`` is
+imported lazily because it is an export-time dependency.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,7 @@ from tokenizers import (
     processors,
 )
 
-TOKENIZER_FILE = "tokenizer.json"
-META_FILE = "tokenizer_meta.json"
+from calm_cli.engine.tokenizer import GGUFTokenizer
 
 _KEY = "tokenizer.ggml."
 # GGUF token types (gguf.TokenType); NORMAL, UNUSED and BYTE tokens live only in the model vocabulary.
@@ -85,49 +83,6 @@ _GPT2_PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
     "qwen2": _qwen2_pre_tokenizer,
     "smollm": _smollm_pre_tokenizer,
 }
-
-
-@dataclass
-class GGUFTokenizer:
-    """A `tokenizers.Tokenizer` that encodes like llama.cpp, plus what serving needs around it.
-
-    BOS/EOS live in the tokenizer's post-processor, so ``Tokenizer.from_file`` alone gives the same
-    ids as :meth:`encode`; the metadata is kept for prompt building and stopping.
-    """
-
-    tokenizer: Tokenizer
-    model: str
-    pre: str
-    bos_id: int | None
-    eos_id: int | None
-    pad_id: int | None
-    add_bos: bool
-    add_eos: bool
-    stop_ids: list[int]
-
-    def encode(self, text: str, add_special: bool = True) -> list[int]:
-        """Ids as llama.cpp's tokenize(text, add_special, parse_special=True) returns them."""
-        return self.tokenizer.encode(text, add_special_tokens=add_special).ids
-
-    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special)
-
-    def meta(self) -> dict[str, Any]:
-        fields = asdict(self)
-        del fields["tokenizer"]
-        return fields
-
-    def save(self, directory: Path) -> None:
-        """Write tokenizer.json and tokenizer_meta.json into ``directory``."""
-        directory.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(directory / TOKENIZER_FILE))
-        (directory / META_FILE).write_text(json.dumps(self.meta(), indent=2) + "\n", encoding="utf-8")
-
-
-def load_tokenizer(directory: Path) -> GGUFTokenizer:
-    """Read back what :meth:`GGUFTokenizer.save` wrote (serving path: no gguf needed)."""
-    meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
-    return GGUFTokenizer(tokenizer=Tokenizer.from_file(str(directory / TOKENIZER_FILE)), **meta)
 
 
 def read_gguf_metadata(gguf_path: Path) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Optimum's text-generation-with-past graph carries thousands of shape and mask nodes per step, takes the whole
 past KV cache in and returns a longer copy each step. This module reads the weights back out of that graph
-(fp32 MatMuls, or the MatMulNBits + min correction of :mod:`calm_cli.fleet.int4`, biases, norm scales, the
+(fp32 MatMuls, or the MatMulNBits + min correction of :mod:`calm_cli.fleet.graph.int4`, biases, norm scales, the
 embedding and the rotary tables it computes) and writes a new graph with the same arithmetic in few nodes:
 
 * SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization for the RMS norms and residual adds;
@@ -41,10 +41,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from calm_cli.engine.session import FUSED_GRAPH
+from calm_cli.fleet.graph import names
+from calm_cli.fleet.graph.builder import MS_DOMAIN, GraphBuilder, new_model, value_info
 
 __all__ = ["Unsupported", "build", "fuse_export"]
 
-MS = "com.microsoft"
 OPSET = 21
 _ARCHS = ("llama", "qwen2", "gemma3_text")
 
@@ -66,7 +67,7 @@ class Linear:
     bits: int = 0
     block_size: int = 0
     accuracy_level: int = 0
-    mins_t: np.ndarray | None = None  # [blocks, N]: y -= blocksum(x) @ mins_t (int4.py's min correction)
+    mins_t: np.ndarray | None = None  # [blocks, N]: y -= blocksum(x) @ mins_t (the int4 min correction)
     bias: np.ndarray | None = None  # [N]
 
     @property
@@ -171,7 +172,7 @@ class _Source:
 
     def linear(self, prefix: str) -> Linear:
         """The projection computed under node prefix (e.g. '/model/layers.0/self_attn/q_proj')."""
-        nbits = self.nodes.get(prefix + "/MatMul_NBits")
+        nbits = self.nodes.get(names.nbits(names.matmul(prefix)))
         if nbits is not None:
             a = {x.name: helper.get_attribute_value(x) for x in nbits.attribute}
             if len(nbits.input) > 4 and any(nbits.input[4:]):
@@ -184,11 +185,11 @@ class _Source:
                          scales=self.array(nbits.input[2]).reshape(N, -1),
                          zero_points=None if zp is None else zp.reshape(N, -1), bits=int(a["bits"]),
                          block_size=int(a["block_size"]), accuracy_level=int(a.get("accuracy_level", 0)))
-            mins = self.nodes.get(prefix + "/MatMul/MinMatMul")
+            mins = self.nodes.get(names.min_matmul(names.matmul(prefix)))
             if mins is not None:
                 lin.mins_t = self.array(mins.input[1])
         else:
-            node = self.node(prefix + "/MatMul")
+            node = self.node(names.matmul(prefix))
             w = self.array(node.input[1])
             if w is None:
                 t = self.producer.get(node.input[1])
@@ -281,7 +282,7 @@ class _Source:
         return np.ascontiguousarray(cos_t[:, :half]), np.ascontiguousarray(sin_t[:, :half])
 
 
-class _Builder:
+class _Builder(GraphBuilder):
     """Emits nodes and initializers of the new graph with unique names.
 
     Large initializers go straight to the external-data file as they are made (the whole model is never
@@ -292,17 +293,15 @@ class _Builder:
     ONES_BYTES = 1 << 17  # largest 0/1 block-sum matrix worth a product (a quarter of a core's L2 here)
 
     def __init__(self, src: _Source, data: Path, file: BinaryIO) -> None:
+        super().__init__()
         self.src, self.data, self.file = src, data, file
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[TensorProto] = []
         self._blocksums: dict[tuple[str, int, int], str] = {}
         self._ones: set[str] = set()
 
     def const(self, name: str, value: np.ndarray) -> str:
         """An initializer: inline when small, else external (a reference into the source's data if unchanged)."""
         if value.nbytes < 1024:
-            self.initializers.append(numpy_helper.from_array(np.array(value), name))
-            return name
+            return super().const(name, np.array(value))
         proto = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(value.dtype), dims=value.shape)
         stored = self.src.stored(value)
         if stored is not None and (self.src.directory / stored[0]).resolve().parent == self.data.resolve().parent:
@@ -317,12 +316,6 @@ class _Builder:
             proto.external_data.add(key=key, value=v)
         self.initializers.append(proto)
         return name
-
-    def op(self, op_type: str, inputs: list[str], name: str, outputs: int = 1, domain: str = "",
-           **attrs) -> list[str]:
-        outs = [f"{name}/out{k}" if outputs > 1 else f"{name}/out" for k in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain or None, **attrs))
-        return outs
 
     def linear(self, lin: Linear, x: str, name: str) -> str:
         """x @ W (+ bias) for one (possibly concatenated) projection of a 2-D x [tokens, K]."""
@@ -339,7 +332,7 @@ class _Builder:
         attrs = dict(K=lin.K, N=lin.N, bits=lin.bits, block_size=lin.block_size)
         if lin.accuracy_level:
             attrs["accuracy_level"] = lin.accuracy_level
-        (y,) = self.op("MatMulNBits", inputs, name + "/MatMulNBits", domain=MS, **attrs)
+        (y,) = self.op("MatMulNBits", inputs, name + "/MatMulNBits", domain=MS_DOMAIN, **attrs)
         if lin.mins_t is None:
             return y
         sums = self._blocksum(x, lin.K, lin.block_size, name)
@@ -349,8 +342,8 @@ class _Builder:
     def _blocksum(self, x: str, K: int, block: int, name: str) -> str:
         """x summed over each block of `block` features ([tokens, K / block]), shared by products reading x.
 
-        A product with a 0/1 matrix (one node) where that matrix is small; a Reshape and a ReduceSum where
-        it would not stay in cache (large K with small blocks).
+        A product with a 0/1 matrix (one node) where that matrix is small; the Reshape and ReduceSum of
+        :meth:`GraphBuilder.block_sum` where it would not stay in cache (large K with small blocks).
         """
         key = (x, K, block)
         if key in self._blocksums:
@@ -360,17 +353,12 @@ class _Builder:
             if ones not in self._ones:
                 self.const(ones, np.kron(np.eye(K // block, dtype=np.float32), np.ones((block, 1), np.float32)))
                 self._ones.add(ones)
-            self._blocksums[key] = self.op("MatMul", [x, ones], name + "/BlockSum")[0]
+            self._blocksums[key] = self.op("MatMul", [x, ones], names.block_sum(name))[0]
         else:
             shape = self.const(f"{name}.blocks_shape", np.array([0, K // block, block], np.int64))
-            (blocks,) = self.op("Reshape", [x, shape], name + "/BlockReshape")
             axes = self.const(f"{name}.blocks_axis", np.array([-1], np.int64))
-            self._blocksums[key] = self.op("ReduceSum", [blocks, axes], name + "/BlockSum", keepdims=0)[0]
+            self._blocksums[key] = self.block_sum(x, shape, name, axes=axes)
         return self._blocksums[key]
-
-
-def _value_info(name: str, elem: int, shape: list) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, elem, shape)
 
 
 def build(src: _Source, config: dict, data: Path, file: BinaryIO) -> onnx.ModelProto:
@@ -403,11 +391,11 @@ def build(src: _Source, config: dict, data: Path, file: BinaryIO) -> onnx.ModelP
         raise Unsupported(f"rope scaling {rope.get('rope_type') or rope.get('type')!r}")
 
     b = _Builder(src, data, file)
-    inputs = [_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
-              _value_info("seqlens_k", TensorProto.INT32, ["batch"]),
-              _value_info("total_sequence_length", TensorProto.INT32, []),
-              _value_info("logits_index", TensorProto.INT64, ["selected"])]
-    outputs = [_value_info("logits", TensorProto.FLOAT, ["selected", "vocab"])]
+    inputs = [value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+              value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+              value_info("total_sequence_length", TensorProto.INT32, []),
+              value_info("logits_index", TensorProto.INT64, ["selected"])]
+    outputs = [value_info("logits", TensorProto.FLOAT, ["selected", "vocab"])]
 
     gather = src.node("/model/embed_tokens/Gather")
     # Hidden states are [tokens, hidden] throughout (2-D: the min corrections fold into one Gemm each);
@@ -434,7 +422,7 @@ def build(src: _Source, config: dict, data: Path, file: BinaryIO) -> onnx.ModelP
         w = b.const(prefix.strip("/").replace("/", ".") + ".weight", weight)
         if skip is None:
             return b.op("SimplifiedLayerNormalization", [x, w], prefix + "/SLN", epsilon=eps, axis=-1)[0], None
-        out = b.op("SkipSimplifiedLayerNormalization", [x, skip, w], prefix + "/SkipSLN", outputs=4, domain=MS,
+        out = b.op("SkipSimplifiedLayerNormalization", [x, skip, w], prefix + "/SkipSLN", outputs=4, domain=MS_DOMAIN,
                    epsilon=eps)
         b.nodes[-1].output[1] = b.nodes[-1].output[2] = ""
         return out[0], out[3]
@@ -471,13 +459,12 @@ def build(src: _Source, config: dict, data: Path, file: BinaryIO) -> onnx.ModelP
         qkv = [b.op("Reshape", [t, bsd], f"{a}/ToAttention{k}")[0] for k, t in enumerate(qkv)]
         gqa_in = [*(qkv if len(qkv) == 3 else [qkv[0], "", ""]), f"past_key_values.{i}.key",
                   f"past_key_values.{i}.value", "seqlens_k", "total_sequence_length", cos, sin]
-        b.nodes.append(helper.make_node(
-            "GroupQueryAttention", gqa_in, [a + "/GQA/out", f"present.{i}.key", f"present.{i}.value"],
-            name=a + "/GQA", domain=MS, **attrs))
-        inputs += [_value_info(f"past_key_values.{i}.{t}", TensorProto.FLOAT,
+        b.add("GroupQueryAttention", gqa_in, [a + "/GQA/out", f"present.{i}.key", f"present.{i}.value"], a + "/GQA",
+              MS_DOMAIN, **attrs)
+        inputs += [value_info(f"past_key_values.{i}.{t}", TensorProto.FLOAT,
+                              ["batch", kv_heads, "capacity", head_dim]) for t in ("key", "value")]
+        outputs += [value_info(f"present.{i}.{t}", TensorProto.FLOAT,
                                ["batch", kv_heads, "capacity", head_dim]) for t in ("key", "value")]
-        outputs += [_value_info(f"present.{i}.{t}", TensorProto.FLOAT,
-                                ["batch", kv_heads, "capacity", head_dim]) for t in ("key", "value")]
         (attn,) = b.op("Reshape", [a + "/GQA/out", b.const(a + ".rows", np.array([-1, heads * head_dim], np.int64))],
                        a + "/FromAttention")
         (attn,) = project([a + "/o_proj"], attn, a + "/o_proj")
@@ -489,7 +476,7 @@ def build(src: _Source, config: dict, data: Path, file: BinaryIO) -> onnx.ModelP
         m = p + "/mlp"
         gate, up = project([m + "/gate_proj", m + "/up_proj"], x, m + "/gate_up_proj")
         if act == "silu":
-            (gate,) = b.op("QuickGelu", [gate], m + "/act", domain=MS, alpha=1.0)
+            (gate,) = b.op("QuickGelu", [gate], m + "/act", domain=MS_DOMAIN, alpha=1.0)
         else:
             (gate,) = b.op("Gelu", [gate], m + "/act", approximate="tanh")
         (h,) = b.op("Mul", [gate, up], m + "/Mul")
@@ -502,8 +489,7 @@ def build(src: _Source, config: dict, data: Path, file: BinaryIO) -> onnx.ModelP
     b.linear(src.linear("/lm_head"), x, "/lm_head")
     b.nodes[-1].output[0] = "logits"
     graph = helper.make_graph(b.nodes, "calm_fused_decoder", inputs, outputs, b.initializers)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                             ir_version=10, producer_name="calm_cli.fleet.fuse")
+    return new_model(graph, OPSET, producer="calm_cli.fleet.graph.fuse")
 
 
 def fuse_export(directory: Path) -> Path:

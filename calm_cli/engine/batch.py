@@ -1,11 +1,15 @@
-"""Continuous batching over the fused decoder graph: requests join and leave a running batch at step boundaries.
+"""Batching: several requests decoded in one step, which on a CPU reads the weights once for all of them.
 
-The fused graph's KV buffers are caller-owned and updated in place (fleet/fuse.py), one tensor per layer of
-shape [rows, kv_heads, capacity, head_dim]. A request takes a free row; its prompt is prefilled in a step of
-its own on a one-row view of the buffers (numpy views share memory with the OrtValues bound to them), then it
-decodes one token per step together with every other active row: on a CPU a decode step is bound by reading
-the weights, which a batch reads once for all its rows. Each row keeps its own length (`seqlens_k`), so rows
-of different lengths share a step without padding their KV. A finished request frees its row at once.
+`generate_batch` is static batching (one batch of prompts, decoded together until the last one ends). `Slots`
+is continuous batching over the fused decoder graph: requests join and leave a running batch at step
+boundaries.
+
+Slots: the fused graph's KV buffers are caller-owned and updated in place (fleet/graph/fuse.py), one tensor per
+layer of shape [rows, kv_heads, capacity, head_dim]. A request takes a free row; its prompt is prefilled in a
+step of its own on a one-row view of the buffers (numpy views share memory with the OrtValues bound to them),
+then it decodes one token per step together with every other active row: on a CPU a decode step is bound by
+reading the weights, which a batch reads once for all its rows. Each row keeps its own length (`seqlens_k`), so
+rows of different lengths share a step without padding their KV. A finished request frees its row at once.
 
 A step runs over rows [0, hi) where hi is one past the highest active row; a free row inside that range is fed
 a dummy token at position 0 of its own (free) buffer, which no one reads. New requests take the lowest free
@@ -19,7 +23,34 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from calm_cli.engine.generate import _NP_TYPES, Decoder, PromptError
+from calm_cli.engine.decoder import Decoder, PromptError
+from calm_cli.engine.kv import open_kv
+
+
+def generate_batch(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy answers to several prompts in one batch, for batch work (padded as the KV state wants)."""
+    if not prompts or any(not p for p in prompts):
+        raise PromptError("every prompt of a batch must be non-empty")
+    for p in prompts:
+        decoder.fit(p, max_new_tokens, truncate=False)
+    stops = set(decoder.tokenizer.stop_ids)
+    pad = decoder.tokenizer.pad_id or 0
+    out: list[list[int]] = [[] for _ in prompts]
+    done = np.zeros(len(prompts), dtype=bool)
+    kv = open_kv(decoder, len(prompts), max(map(len, prompts)) + max_new_tokens)
+    rows = prompts
+    for _ in range(max_new_tokens):
+        tokens = kv.feed(rows).argmax(-1)
+        for row, token in enumerate(tokens.tolist()):
+            if not done[row]:
+                if token in stops:
+                    done[row] = True
+                else:
+                    out[row].append(token)
+        if done.all():
+            break
+        rows = [[pad if d else t] for d, t in zip(done.tolist(), tokens.tolist())]
+    return out
 
 
 @dataclass
@@ -40,14 +71,11 @@ class Slots:
         if rows < 1 or capacity < 2:
             raise ValueError(f"need at least one row and two tokens of capacity, got {rows} x {capacity}")
         self.decoder, self.rows, self.capacity = decoder, rows, min(capacity, decoder.context)
-        heads, head_dim = decoder.cache_shape
-        self.buffers = [np.zeros((rows, heads, self.capacity, head_dim), decoder.cache_type)
-                        for _ in decoder.past_names]
+        layout = decoder.layout
+        self.buffers = [np.zeros((rows, layout.heads, self.capacity, layout.head_dim), layout.dtype)
+                        for _ in layout.past_names]
         self.lengths = np.zeros(rows, dtype=np.int64)  # tokens in each row's KV; 0 = free or not yet filled
         self.active = np.zeros(rows, dtype=bool)
-        vocab = decoder.session.get_outputs()[0]
-        self._logits_type = _NP_TYPES[vocab.type]
-        self._vocab = int(vocab.shape[-1])
         self._bindings: dict[tuple[int, int, int], _Binding] = {}
 
     @property
@@ -64,9 +92,9 @@ class Slots:
         if key not in self._bindings:
             d = self.decoder
             io = d.session.io_binding()
-            logits = np.empty((width, self._vocab), self._logits_type)
+            logits = np.empty((width, d.vocab), d.logits_type)
             io.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
-            for past, present, buffer in zip(d.past_names, d.present_names, self.buffers):
+            for past, present, buffer in zip(d.layout.past_names, d.layout.present_names, self.buffers):
                 value = ort.OrtValue.ortvalue_from_numpy(buffer[lo:lo + n])  # a view: same memory
                 io.bind_ortvalue_input(past, value)
                 io.bind_ortvalue_output(present, value)

@@ -1,0 +1,91 @@
+"""A metered answer: a prompt's generation streamed as text up to its stop strings, with the latency, time to
+first token, rate and energy of the work. Its fields are the JSON record's metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from calm_cli.engine.decode import Step, generate
+from calm_cli.engine.decoder import Decoder
+from calm_cli.engine.sampling import Sampling
+from calm_cli.engine.textstream import TextStream
+
+
+@dataclass
+class Completion:
+    """One answer with its meters; the JSON record's metrics are these fields."""
+
+    text: str
+    tokens_in: int
+    tokens_out: int
+    logprobs: list[float]
+    latency_ms: float
+    ttft_ms: float
+    tokens_per_s: float
+    energy_j: float
+    energy_estimated: bool
+    memory_mb: float
+    provider: str
+    stop_reason: str  # "eos", "stop_string" or "length"
+
+    @property
+    def confidence(self) -> float:
+        """exp(mean token log-probability): the geometric-mean probability of the answer's tokens, 0..1."""
+        return float(np.exp(np.mean(self.logprobs))) if self.logprobs else 0.0
+
+    def metrics(self) -> dict:
+        return {
+            "latency_ms": round(self.latency_ms, 2), "ttft_ms": round(self.ttft_ms, 2),
+            "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
+            "tokens_per_s": round(self.tokens_per_s, 2), "energy_j": round(self.energy_j, 4),
+            "energy_estimated": self.energy_estimated, "memory_mb": round(self.memory_mb, 1),
+            "confidence": round(self.confidence, 4), "provider": self.provider,
+        }
+
+
+def complete(decoder: Decoder, prompt: str, max_new_tokens: int, sampling: Sampling = Sampling(),
+             stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None,
+             truncate: bool = False) -> Completion:
+    """Answer `prompt`, streaming text to `on_text` as it is produced, and measure the work."""
+    decoder.meter.start()
+    started = time.perf_counter()
+    ids = decoder.fit(decoder.encode(prompt), max_new_tokens, truncate)
+    steps: list[Step] = []
+    first = None
+    pieces: list[str] = []
+    text = TextStream(decoder.tokenizer, stop)
+
+    def show(piece: str) -> None:
+        pieces.append(piece)
+        if on_text:
+            on_text(piece)
+
+    for step in generate(decoder, ids, max_new_tokens, sampling):
+        if first is None:
+            first = time.perf_counter()
+        steps.append(step)
+        piece = text.push(step.token)
+        if piece or text.stopped:
+            show(piece)
+        if text.stopped:
+            stop_reason = "stop_string"
+            break
+    else:
+        stop_reason = "length" if len(steps) == max_new_tokens else "eos"
+        if rest := text.finish():
+            show(rest)
+    ended = time.perf_counter()
+    reading = decoder.meter.read()
+    first = first or ended
+    decode_s = ended - first
+    return Completion(
+        text="".join(pieces), tokens_in=len(ids), tokens_out=len(steps), logprobs=[s.logprob for s in steps],
+        latency_ms=(ended - started) * 1000, ttft_ms=(first - started) * 1000,
+        tokens_per_s=(len(steps) - 1) / decode_s if len(steps) > 1 and decode_s > 0 else 0.0,
+        energy_j=reading.energy_j, energy_estimated=reading.energy_estimated,
+        memory_mb=decoder.memory_mb, provider=decoder.provider, stop_reason=stop_reason)
