@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterator
 
 from calm_cli import monitor, schema
+from calm_cli.bounded import MAX_LINE_BYTES
 from calm_cli.execute import QueueFull, RequestQueue
 from calm_cli.orchestrator import Calm
 
-MAX_LINE_BYTES = 64 * 1024
 POLL_S = 0.1  # how soon a blocked read notices a stop request
 READ_CHUNK = 1 << 16
 EXIT_SOME_FAILED = 3  # batch: every line has its record, but some records are errors
@@ -86,29 +86,10 @@ class LineReader:
 
 
 def parse_line(line: Line, index: int) -> Job:
-    """A Job for one input line; invalid lines carry their error record."""
-    raw = line.raw
-    line_id: Any = index + 1
-    now = time.perf_counter()
-    if line.size > MAX_LINE_BYTES:
-        return Job(index, None, monitor.error_record(line_id, "too_large",
-                                                     f"line {index + 1} has {line.size} bytes, over {MAX_LINE_BYTES}"), now)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return Job(index, None, monitor.error_record(line_id, "bad_utf8",
-                                                     f"line {index + 1} is not valid UTF-8 (byte {exc.start})"), now)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return Job(index, None, monitor.error_record(line_id, "bad_json", f"line {index + 1}: {exc}"), now)
-    if isinstance(data, dict) and isinstance(data.get("id"), (str, int)) and not isinstance(data.get("id"), bool):
-        line_id = data["id"]
-    problems = schema.problems(data, "request.schema.json", f"line {index + 1}")
-    if problems:
-        return Job(index, None, monitor.error_record(line_id, "bad_request", "; ".join(problems)), now)
-    data.setdefault("id", line_id)
-    return Job(index, data, None, now)
+    """A Job for one input line; an invalid line carries its error record (schema.parse_request's bounds)."""
+    parsed = schema.parse_request(line.raw, index + 1, line.size)
+    record = None if parsed.request else monitor.error_record(parsed.id, parsed.code, parsed.message)
+    return Job(index, parsed.request, record, time.perf_counter())
 
 
 class Intake:
