@@ -207,14 +207,16 @@ def _calm(policy_path: str | None, quiet: bool = False):
     """The process's one MAPE-K loop, or a clear exit when something it needs is missing. A knowledge base
     that cannot serve does not stop it: the loop answers in degraded mode (see calm_cli.knowledge), said once on
     stderr (whatever `quiet`) and in every record."""
+    from calm_cli.errors import CalmError
     from calm_cli.knowledge import open_knowledge
-    from calm_cli.orchestrator import Calm, Unavailable
+    from calm_cli.loop.assemble import assemble
 
+    policy = _policy(policy_path)
     try:
-        return Calm(_policy(policy_path), _store(), open_knowledge(on_degraded=_echo_err),
-                    log=(lambda m: None) if quiet else _echo_err)
-    except Unavailable as exc:
-        _fail(str(exc))
+        return assemble(policy, _store(), open_knowledge(on_degraded=_echo_err),
+                        (lambda m: None) if quiet else _echo_err)
+    except CalmError as exc:
+        _fail(str(exc), exc.exit_code)
 
 
 POLICY_OPTION = click.option("--policy", "policy_path", type=click.Path(exists=True, dir_okay=False),

@@ -166,7 +166,7 @@ def option_logprobs(decoder: Decoder, context: list[int], continuations: list[li
     is asked for `score(context, continuation)` per option.
     """
     from calm_cli.engine.decode import forward
-    from calm_cli.engine.decoder import Decoder, PromptError
+    from calm_cli.engine.decoder import Decoder, PromptTooLong
     from calm_cli.engine.kv import empty_past
 
     if not isinstance(decoder, Decoder):
@@ -174,7 +174,7 @@ def option_logprobs(decoder: Decoder, context: list[int], continuations: list[li
 
     longest = max(len(c) for c in continuations)
     if len(context) + longest > decoder.context:
-        raise PromptError(f"{len(context) + longest} tokens exceed the context window of {decoder.context} tokens")
+        raise PromptTooLong(f"{len(context) + longest} tokens exceed the context window of {decoder.context} tokens")
     n = len(context)
     ones = np.ones((1, n), dtype=np.int64)
     logits, past = forward(decoder, np.asarray([context], dtype=np.int64), ones,

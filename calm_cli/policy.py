@@ -13,7 +13,9 @@ DEFAULT = POLICIES / "default.yaml"
 
 
 @dataclass(frozen=True)
-class Member:
+class MemberPolicy:
+    """One member's entry in a policy: what it is for (description, examples) and its answer defaults."""
+
     model: str
     description: str
     examples: tuple[str, ...] = ()
@@ -26,7 +28,7 @@ class Member:
 class Policy:
     name: str
     source: str
-    fleet: tuple[Member, ...]
+    fleet: tuple[MemberPolicy, ...]
     goals: dict
     weights: dict
     cache: dict
@@ -37,14 +39,14 @@ class Policy:
     text: str = field(default="", repr=False, compare=False)  # the file as read, so `policy show` never reads twice
 
     @property
-    def escalation_member(self) -> Member | None:
+    def escalation_member(self) -> MemberPolicy | None:
         e = self.escalation
         if not e.get("enabled"):
             return None
-        return Member(e["model"], e.get("description", "the larger model"), max_tokens=e.get("max_tokens", 256))
+        return MemberPolicy(e["model"], e.get("description", "the larger model"), max_tokens=e.get("max_tokens", 256))
 
     @property
-    def members(self) -> tuple[Member, ...]:
+    def members(self) -> tuple[MemberPolicy, ...]:
         """Every model the policy may run: the fleet, then the escalation target."""
         extra = self.escalation_member
         return self.fleet + ((extra,) if extra and extra.model not in {m.model for m in self.fleet} else ())
@@ -94,7 +96,7 @@ def load(path: Path | None = None) -> Policy:
     return Policy(
         name=data["name"],
         source=source,
-        fleet=tuple(Member(m["model"], m["description"], tuple(m.get("examples", ())), tuple(m.get("domains", ())),
+        fleet=tuple(MemberPolicy(m["model"], m["description"], tuple(m.get("examples", ())), tuple(m.get("domains", ())),
                            m.get("max_tokens", 256), m.get("temperature", 0.0)) for m in data["fleet"]),
         goals=data["goals"],
         weights=data["weights"],

@@ -25,10 +25,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterator
 
-from calm_cli import monitor, schema
+from calm_cli import schema
 from calm_cli.bounded import MAX_LINE_BYTES
-from calm_cli.execute import QueueFull, RequestQueue
-from calm_cli.orchestrator import Calm
+from calm_cli.errors import QueueFull
+from calm_cli.loop import monitor
+from calm_cli.loop.calm import Calm
+from calm_cli.loop.execute.queue import RequestQueue
 
 POLL_S = 0.1  # how soon a blocked read notices a stop request
 READ_CHUNK = 1 << 16
@@ -146,7 +148,7 @@ def predicted_ms(calm: Calm, job: Job) -> float:
         return 0.0
     if job.request.get("model"):
         return 0.0  # forced: nothing to plan
-    decision = calm.plan(calm.encoder.embed([job.request["query"]])[0])
+    decision = calm.plan(calm.embed([job.request["query"]])[0])
     chosen = next(c for c in decision.candidates if c.model == decision.model)
     return (chosen.latency_ms or 0.0) + chosen.load_ms  # nothing measured yet: its load is all we know
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from calm_cli.knowledge import default_path, open_knowledge
-from calm_cli.plan import knn_quality, calibrated_correctness
+from calm_cli.loop.plan import calibrated_correctness, knn_quality
 
 SMALL = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"]
 BIG = "qwen2.5-coder-1.5b"

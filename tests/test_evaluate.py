@@ -251,7 +251,10 @@ def test_cached_option_scoring_equals_full_scoring(smollm2_int4, pinned_data: di
     cached = evaluate.option_logprobs(smollm2_int4, context, conts)
     full = [decode.score(smollm2_int4, context, c) for c in conts]
     assert [len(c) for c in cached] == [len(c) for c in conts]
-    np.testing.assert_allclose(np.concatenate(cached), np.concatenate(full), atol=2e-3)
+    # The same arithmetic, but int4 products with int8 activations take another kernel path for one row than
+    # for several (onnxruntime's MatMulNBits at accuracy level 4): 3.5e-3 apart on an AMD EPYC, within 2e-3
+    # on the machines of earlier runs. A wrong KV reuse would be off by whole nats.
+    np.testing.assert_allclose(np.concatenate(cached), np.concatenate(full), atol=1e-2)
 
 
 @pytest.mark.fleet

@@ -22,7 +22,8 @@ import yaml
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from calm_cli import bounded, monitor, policy, schema, settings
+from calm_cli import bounded, policy, schema, settings
+from calm_cli.loop import monitor
 from calm_cli.cli import main
 from calm_cli.resources import POLICIES, SCHEMAS
 

@@ -29,7 +29,7 @@ from calm_cli.cli import main
 from calm_cli.fleet.store import Store
 from calm_cli.knowledge import KnowledgeError
 from calm_cli.knowledge.sqlite import SQLiteKnowledge
-from calm_cli.orchestrator import Calm
+from calm_cli.loop.assemble import assemble
 from calm_cli.resources import SCHEMAS
 
 
@@ -730,7 +730,7 @@ def test_the_loop_goes_on_when_the_file_is_replaced_mid_run(tiny_home: Path, tmp
     monkeypatch.setenv("CALM_PRECISION", "fp32")
     path = tmp_path / "knowledge.sqlite"
     said: list[str] = []
-    calm = Calm(policies.load(None), Store(tiny_home / "cache"), SQLiteKnowledge(path, on_degraded=said.append))
+    calm = assemble(policies.load(None), Store(tiny_home / "cache"), SQLiteKnowledge(path, on_degraded=said.append))
     request = {"query": "hi", "model": "smollm2-135m", "max_tokens": 2}
     first = calm.answer({"id": "first", **request})
     RESPONSE.validate(first)

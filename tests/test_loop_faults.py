@@ -16,7 +16,8 @@ import yaml
 from calm_cli import policy as policies
 from calm_cli.fleet.store import Store
 from calm_cli.knowledge import open_knowledge
-from calm_cli.orchestrator import Calm
+from calm_cli.loop.assemble import assemble
+from calm_cli.loop.calm import Calm
 from calm_cli.resources import POLICIES, SCHEMAS
 
 RESPONSE = jsonschema.Draft202012Validator(json.loads((SCHEMAS / "response.schema.json").read_text()))
@@ -37,7 +38,7 @@ def make_loop(store: Store, tmp_path: Path, **changes) -> Calm:
         data[key] = value
     path = tmp_path / "policy.yaml"
     path.write_text(yaml.safe_dump(data))
-    return Calm(policies.load(path), store, open_knowledge(tmp_path / "kb.sqlite"))
+    return assemble(policies.load(path), store, open_knowledge(tmp_path / "kb.sqlite"))
 
 
 def damage(store: Store, name: str) -> None:
@@ -51,7 +52,7 @@ def failures(calm: Calm) -> list[tuple[str, str]]:
 
 def test_a_damaged_member_falls_back_to_the_next_candidate(store: Store, tmp_path: Path) -> None:
     calm = make_loop(store, tmp_path, escalation={"enabled": False})
-    decision = calm.plan(calm.encoder.embed([QUERY])[0])
+    decision = calm.plan(calm.embed([QUERY])[0])
     damage(store, decision.model)
     record = calm.answer({"id": 1, "query": QUERY, "max_tokens": 2})
     RESPONSE.validate(record)

@@ -7,9 +7,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from calm_cli import analyze, policy
+from calm_cli import policy
+from calm_cli.loop import analyze
 from calm_cli.knowledge import CalibrationSet
-from calm_cli.plan import Planner, Prediction, calibrated_correctness, knn_quality
+from calm_cli.loop.analyze import Prediction
+from calm_cli.loop.plan import Planner, calibrated_correctness, knn_quality
 
 
 def _unit(v) -> np.ndarray:

@@ -11,7 +11,8 @@ from calm_cli import policy
 from calm_cli.cli import main
 from calm_cli.engine.embed import Encoder
 from calm_cli.knowledge import open_knowledge
-from calm_cli.orchestrator import Calm
+from calm_cli.loop.assemble import assemble
+from calm_cli.loop.calm import Calm
 from conftest import expected_provider
 
 pytestmark = pytest.mark.fleet
@@ -32,12 +33,12 @@ def calm(fleet_store, tmp_path_factory) -> Calm:
         result = CliRunner().invoke(main, ["models", "export", name])
         assert result.exit_code == 0, result.output
     kb = open_knowledge(tmp_path_factory.mktemp("kb") / "knowledge.sqlite")  # nothing learned yet
-    return Calm(policy.load(), fleet_store, kb)
+    return assemble(policy.load(), fleet_store, kb)
 
 
 @pytest.mark.parametrize("expected,query", [(m, q) for m, qs in CASES.items() for q in qs])
 def test_queries_go_to_the_fitting_member(calm: Calm, expected: str, query: str) -> None:
-    decision = calm.plan(calm.encoder.embed([query])[0])
+    decision = calm.plan(calm.embed([query])[0])
     assert decision.model == expected, [(c.model, round(c.score, 3), round(c.semantic, 3))
                                         for c in decision.candidates]
 
@@ -74,7 +75,7 @@ def _learned_calm(tmp_path, store, escalation: dict) -> tuple[Calm, list[str]]:
         {"model": model, "task": "facts", "item_id": str(i), "score": score, "confidence": 0.9,
          "embedding": vectors[i]}
         for i in range(len(queries)) for model, score in (("smollm2-135m", 0.0), ("gemma3-270m", 1.0))])
-    return Calm(policy.load(path), store, kb), queries
+    return assemble(policy.load(path), store, kb), queries
 
 
 def test_learned_direct_route_and_escalation_reach_the_record(calm: Calm, fleet_store, tmp_path) -> None:

@@ -26,9 +26,14 @@ from calm_cli.engine.decoder import Decoder
 from calm_cli.fleet import lock
 from calm_cli.fleet.store import Store
 from calm_cli.knowledge import Knowledge, KnowledgeError, open_knowledge
-from calm_cli.execute import RequestQueue
-from calm_cli.orchestrator import Calm, ModelsFailed, Run
-from calm_cli.policy import Member, Policy
+from calm_cli.bench.hooks import Slowed
+from calm_cli.errors import ModelsFailed
+from calm_cli.loop.analyze import WINDOW
+from calm_cli.loop.assemble import assemble
+from calm_cli.loop.calm import Calm
+from calm_cli.loop.execute.queue import RequestQueue
+from calm_cli.members.base import Member, Run
+from calm_cli.policy import Policy
 
 BASELINE = "qwen2.5-coder-1.5b"
 HIT_WINDOW = 10  # requests in the sliding window of the cache-hit-rate recovery measure
@@ -100,13 +105,14 @@ def copy_knowledge(source: Path, into: Path) -> Knowledge:
 
 
 def item_work(item: tasks.Item, rule: str):
-    """The orchestrator's work for a benchmark item: the chosen member answers it and is graded."""
+    """The loop's work for a benchmark item: the chosen member answers it and is graded."""
     specs = lock.load()
 
-    def work(decoder: Decoder, member: Member, stream: bool) -> Run:
-        o = evaluate.evaluate_item(decoder, specs[member.model], item, rule)
+    def work(member: Member, decoder: object, stream: bool) -> Run:
+        assert isinstance(decoder, Decoder)  # items are scored on local members' sessions
+        o = evaluate.evaluate_item(decoder, specs[member.name], item, rule)
         rate = o.tokens_out / (o.latency_ms / 1000) if o.tokens_out and o.latency_ms else 0.0
-        return Run(member.model, o.answer, o.latency_ms, o.latency_ms, o.tokens_in, o.tokens_out, rate, o.energy_j,
+        return Run(member.name, o.answer, o.latency_ms, o.latency_ms, o.tokens_in, o.tokens_out, rate, o.energy_j,
                    o.energy_estimated, o.confidence, decoder.provider, "eos", payload=o)
 
     return work
@@ -207,9 +213,8 @@ def _scenario(name: str, out: dict, log: Callable[[str], None]) -> Iterator[None
 
 
 def make_calm(policy: Policy, store: Store, kb: Knowledge, adaptive: bool = True) -> Calm:
-    calm = Calm(policy, store, kb)
-    calm.adaptive = adaptive
-    return calm
+    """A loop whose members can be slowed mid-run (bench/hooks.py); static routing predicts from profiles only."""
+    return assemble(policy, store, kb, window=WINDOW if adaptive else 0, wrap=Slowed)
 
 
 def random_routing(policy: Policy, store: Store, kb: Knowledge, items: list[tasks.Item], rule: str, seed: int,
@@ -236,7 +241,7 @@ def run_arrivals(calm: Calm, items: list[tasks.Item], rule: str, rate: float, se
         now = time.perf_counter() - start
         while released < len(items) and arrivals[released] <= now:
             item = items[released]
-            decision = calm.plan(calm.encoder.embed([item.query])[0])
+            decision = calm.plan(calm.embed([item.query])[0])
             chosen = next(c for c in decision.candidates if c.model == decision.model)
             queue.put(released, (chosen.latency_ms or 0.0) + chosen.load_ms)
             released += 1
@@ -337,7 +342,7 @@ def run(policies: list[Policy], store: Store, kb_source: Path, precision: str, i
 
                     def inject(i: int, calm: Calm = calm) -> None:
                         if i == at:
-                            calm.slowdown[model] = factor
+                            calm.members[model].factor = factor
 
                     r = run_calm(calm, items, rule, progress(f"slow {model} x{factor} ({adaptive=})"), before=inject)
                     after = r.results[at:]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from calm_cli.engine.decoder import Decoder, PromptError
+from calm_cli.engine.decoder import Decoder, PromptError, PromptTooLong
 from calm_cli.engine.kv import open_kv
 
 
@@ -117,7 +117,7 @@ class Slots:
         if not prompt_ids:
             raise PromptError("the prompt is empty")
         if len(prompt_ids) + max_new_tokens > self.capacity:
-            raise PromptError(f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens exceeds a batch "
+            raise PromptTooLong(f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens exceeds a batch "
                               f"slot's capacity of {self.capacity} tokens")
         free = np.flatnonzero(~self.active)
         if not len(free):
@@ -139,7 +139,7 @@ class Slots:
             raise ValueError(f"step over rows {rows}: every active row ({np.flatnonzero(self.active).tolist()}) "
                              "and no other must take a token")
         if (self.lengths[rows] + 1 > self.capacity).any():
-            raise PromptError(f"a batch slot is full ({self.capacity} tokens)")
+            raise PromptTooLong(f"a batch slot is full ({self.capacity} tokens)")
         hi = rows[-1] + 1
         ids = np.zeros((hi, 1), dtype=np.int64)
         seqlens = np.ones(hi, dtype=np.int64)  # a row not stepped writes its dummy token at its own position 0

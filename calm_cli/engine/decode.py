@@ -8,7 +8,7 @@ from typing import Iterator
 
 import numpy as np
 
-from calm_cli.engine.decoder import Decoder, PromptError
+from calm_cli.engine.decoder import Decoder, PromptError, PromptTooLong
 from calm_cli.engine.kv import empty_past, open_kv
 from calm_cli.engine.sampling import Sampler, Sampling, log_softmax
 
@@ -81,7 +81,7 @@ def forward(decoder: Decoder, ids: np.ndarray, mask: np.ndarray, positions: np.n
 def logits(decoder: Decoder, ids: list[int]) -> np.ndarray:
     """Next-token logits after every position of `ids` in one pass: [len(ids), vocab]."""
     if len(ids) > decoder.context:
-        raise PromptError(f"{len(ids)} tokens exceed the context window of {decoder.context} tokens")
+        raise PromptTooLong(f"{len(ids)} tokens exceed the context window of {decoder.context} tokens")
     n = len(ids)
     out, _ = forward(decoder, np.asarray([ids], dtype=np.int64), np.ones((1, n), dtype=np.int64),
                      np.arange(n, dtype=np.int64)[None, :], empty_past(decoder, 1))

@@ -23,12 +23,11 @@ import onnxruntime as ort
 from calm_cli.engine.meters import EnergyMeter, rss_mb
 from calm_cli.engine.session import decoder_graph, open_session, provider_of
 from calm_cli.engine.tokenizer import GGUFTokenizer, load_tokenizer
+from calm_cli.errors import PromptError, PromptTooLong
+
+__all__ = ["Decoder", "KVLayout", "PromptError", "PromptTooLong"]
 
 NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
-
-class PromptError(ValueError):
-    """A prompt the model cannot take: empty, not UTF-8, or longer than the context window."""
 
 
 @dataclass(frozen=True)
@@ -104,5 +103,5 @@ class Decoder:
             return ids
         if truncate and room > 0:
             return ids[len(ids) - room:]
-        raise PromptError(f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the context window "
+        raise PromptTooLong(f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the context window "
                           f"of {self.context} tokens (ask for truncation, or fewer new tokens)")

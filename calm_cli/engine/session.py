@@ -8,13 +8,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import inspect
+
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state
 
 from calm_cli import settings
 from calm_cli.engine.gpu import gpu_count
+from calm_cli.errors import CalmError
+
+# onnxruntime's own errors (Fail, InvalidProtobuf, InvalidArgument...) derive from Exception only: this is how a
+# member tells a failed load or run from a bug in calm.
+ORT_ERRORS: tuple[type[Exception], ...] = tuple(
+    c for c in vars(onnxruntime_pybind11_state).values() if inspect.isclass(c) and issubclass(c, Exception))
 
 
-class ProviderError(RuntimeError):
+class ProviderError(CalmError):
     """The provider named by CALM_PROVIDER cannot be used here."""
 
 
@@ -42,7 +51,7 @@ def session_options() -> ort.SessionOptions:
     return options
 
 
-FUSED_GRAPH = "model.fused.onnx"  # written by calm_cli.fleet.fuse next to Optimum's model.onnx
+FUSED_GRAPH = "model.fused.onnx"  # written by calm_cli.fleet.graph.fuse next to Optimum's model.onnx
 
 
 def decoder_graph(directory: Path) -> Path:

@@ -28,6 +28,7 @@ import functools
 import json
 import os
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -245,6 +246,10 @@ def _guarded(retry: bool = True) -> Callable[[Callable[..., _T]], Callable[..., 
     def decorate(method: Callable[..., _T]) -> Callable[..., _T]:
         @functools.wraps(method)
         def call(self: SQLiteKnowledge, *args: Any, **kwargs: Any) -> _T:
+            with self._lock:
+                return guarded(self, *args, **kwargs)
+
+        def guarded(self: SQLiteKnowledge, *args: Any, **kwargs: Any) -> _T:
             try:
                 return method(self, *args, **kwargs)
             except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
@@ -276,6 +281,7 @@ class SQLiteKnowledge(Knowledge):
 
     def __init__(self, path: Path | None = None, *, on_degraded: Callable[[str], None] | None = None,
                  busy_timeout_s: float = BUSY_TIMEOUT_S):
+        self._lock = threading.RLock()
         self.path = Path(path) if path is not None else default_path()
         self.busy_timeout_s = busy_timeout_s
         self.degraded: str | None = None  # why this process works on an in-memory store instead of the file
@@ -289,7 +295,9 @@ class SQLiteKnowledge(Knowledge):
             self._degrade(exc)
 
     def _connect(self, target: Path | str) -> sqlite3.Connection:
-        conn = sqlite3.connect(target, timeout=self.busy_timeout_s, isolation_level=None)
+        # Several threads of one process share the connection (the loop's workers, a server's handlers); every
+        # call holds self._lock (see _guarded), which is the serialisation check_same_thread would demand.
+        conn = sqlite3.connect(target, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         return conn
 

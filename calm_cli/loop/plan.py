@@ -21,24 +21,14 @@ from typing import Mapping
 
 import numpy as np
 
-from calm_cli.policy import Member, Policy
+from calm_cli.loop.analyze import Prediction
+from calm_cli.policy import MemberPolicy, Policy
 
 KNN = 16  # calibration items that vote on a query's expected quality
 DEFAULT_SCALE_MS = 1000.0  # normaliser for latency and load terms when the policy sets no latency goal
 DEFAULT_SCALE_J = 10.0  # normaliser for the energy term when the policy sets no energy goal
 CONFIDENCE_BANDWIDTH = 0.15  # how close in confidence a calibration answer must be to speak for a new one
 PRIOR_WEIGHT = 0.5  # pull toward the member's local quality when few near answers had a similar confidence
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """What one request is expected to cost on a member (from Analyze, profiles and the cache state)."""
-
-    latency_ms: float
-    energy_j: float
-    memory_mb: float
-    load_ms: float  # 0 when the member is loaded already
-    known: bool  # False when neither a profile nor recent observations exist
 
 
 @dataclass
@@ -111,7 +101,7 @@ class Escalation:
 class Planner:
     """Holds the members' description embeddings; `decide` is cheap (a few dot products per member)."""
 
-    def __init__(self, policy: Policy, members: list[Member], embed) -> None:
+    def __init__(self, policy: Policy, members: list[MemberPolicy], embed) -> None:
         self.policy = policy
         self.members = members
         self.vectors = {}
@@ -163,6 +153,21 @@ class Planner:
             if filtered:
                 reason += f"; filtered: {', '.join(filtered)}"
         return Decision(best.model, candidates, reason)
+
+    def route(self, query: np.ndarray, predictions: Mapping[str, Prediction], calibration=None) -> Decision:
+        """The member for `query`: the best-scoring one within the hard goals, or the policy's larger member
+        straight away when calibration expects it to be better by `direct_gain` (a direct route).
+
+        `predictions` covers the fleet and, when the policy escalates, the larger member too."""
+        decision = self.decide(query, {m.model: predictions[m.model] for m in self.members}, calibration)
+        larger = self.policy.escalation_member
+        if larger is not None:
+            direct = self.direct(query, decision, calibration)
+            if direct.escalate:
+                chosen = self.larger_candidate(query, predictions[larger.model], direct.expected_larger)
+                return Decision(larger.model, [chosen, *decision.candidates],
+                                f"straight to {larger.model}: {direct.reason}")
+        return decision
 
     def larger_candidate(self, query: np.ndarray, prediction: Prediction, quality: float | None) -> Candidate:
         """The larger member as a candidate of a direct route, so the record explains it like any other."""

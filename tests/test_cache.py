@@ -1,17 +1,21 @@
-"""Execute: the pure eviction policy as a table, the cache's invariant over long random workloads, and the
-request queue's orders. Fake loaders return plain objects: the cache never looks inside a session."""
+"""Execute: the pure eviction policy as a table, the member cache (its invariant over long random workloads,
+leases under threads), and the request queue's orders. Fake loaders return plain objects: the cache never looks
+inside a session."""
 
 from __future__ import annotations
 
 import gc
 import random
 import threading
+import time
 import weakref
 
 import pytest
 
-from calm_cli.execute import (AGEING, CacheError, CacheEvent, Candidate, DecayedDemand, Loaded, ModelCache,
-                              QueueClosed, QueueFull, RequestQueue, plan_evictions, plan_fit)
+from calm_cli.errors import QueueFull
+from calm_cli.loop.execute.cache import CacheError, CacheEvent, DecayedDemand, Lease, MemberCache
+from calm_cli.loop.execute.eviction import Loaded, Wanted, plan_evictions, plan_fit
+from calm_cli.loop.execute.queue import AGEING, QueueClosed, RequestQueue
 
 
 def L(name: str, mb: float, last: int, load_ms: float = 1000.0) -> Loaded:
@@ -27,58 +31,63 @@ BIG_AND_SMALL = [L("small", 300, 1), L("big", 600, 2)]
 
 PLANS = [
     # id, wanted, loaded, budget, max_loaded, policy, pinned, demand, evict, refused
-    ("fits", Candidate("d", 500), ABC, 4000, 4, "lru", (), {}, (), ""),
-    ("already-loaded", Candidate("a", 9999), ABC, 3000, 3, "lru", (), {}, (), ""),
-    ("lru-memory-oldest-first", Candidate("d", 1000), [L("a", 1000, 5), L("b", 1000, 2), L("c", 1000, 9)],
+    ("fits", Wanted("d", 500), ABC, 4000, 4, "lru", (), {}, (), ""),
+    ("already-loaded", Wanted("a", 9999), ABC, 3000, 3, "lru", (), {}, (), ""),
+    ("lru-memory-oldest-first", Wanted("d", 1000), [L("a", 1000, 5), L("b", 1000, 2), L("c", 1000, 9)],
      3000, 5, "lru", (), {}, ("b",), ""),
-    ("lru-count-limit", Candidate("d", 10), ABC, 100000, 3, "lru", (), {}, ("a",), ""),
-    ("lru-memory-two-evictions", Candidate("d", 2000), ABC, 3000, 9, "lru", (), {}, ("a", "b"), ""),
-    ("lru-pinned-never-evicted", Candidate("d", 10), ABC, 100000, 3, "lru", ("a",), {}, ("b",), ""),
-    ("cost-pinned-never-evicted", Candidate("d", 10), ABC, 100000, 3, "cost-aware", ("b",),
+    ("lru-count-limit", Wanted("d", 10), ABC, 100000, 3, "lru", (), {}, ("a",), ""),
+    ("lru-memory-two-evictions", Wanted("d", 2000), ABC, 3000, 9, "lru", (), {}, ("a", "b"), ""),
+    ("lru-pinned-never-evicted", Wanted("d", 10), ABC, 100000, 3, "lru", ("a",), {}, ("b",), ""),
+    ("cost-pinned-never-evicted", Wanted("d", 10), ABC, 100000, 3, "cost-aware", ("b",),
      {"a": 9, "b": 0, "c": 1}, ("c",), ""),
-    ("bigger-than-budget", Candidate("d", 3001), [], 3000, 3, "lru", (), {}, (), "exceeds-budget"),
-    ("bigger-than-budget-cost", Candidate("d", 3001), ABC, 3000, 3, "cost-aware", (), {}, (), "exceeds-budget"),
-    ("pinned-fill-the-slots", Candidate("d", 10), ABC[:2], 100000, 2, "lru", ("a", "b"), {}, (), "pinned-full"),
-    ("pinned-fill-the-memory", Candidate("d", 1500), ABC, 3000, 9, "cost-aware", ("a", "b"), {}, (),
+    ("bigger-than-budget", Wanted("d", 3001), [], 3000, 3, "lru", (), {}, (), "exceeds-budget"),
+    ("bigger-than-budget-cost", Wanted("d", 3001), ABC, 3000, 3, "cost-aware", (), {}, (), "exceeds-budget"),
+    ("pinned-fill-the-slots", Wanted("d", 10), ABC[:2], 100000, 2, "lru", ("a", "b"), {}, (), "pinned-full"),
+    ("pinned-fill-the-memory", Wanted("d", 1500), ABC, 3000, 9, "cost-aware", ("a", "b"), {}, (),
      "pinned-full"),
     # LRU evicts the oldest, the expensive model in demand; cost-aware evicts the cheap one instead ...
-    ("lru-evicts-hot", Candidate("x", 1000), HOT_AND_CHEAP, 2000, 3, "lru", (), {"hot": 3, "cheap": 3},
+    ("lru-evicts-hot", Wanted("x", 1000), HOT_AND_CHEAP, 2000, 3, "lru", (), {"hot": 3, "cheap": 3},
      ("hot",), ""),
-    ("cost-keeps-hot-evicts-cheap", Candidate("x", 1000), HOT_AND_CHEAP, 2000, 3, "cost-aware", (),
+    ("cost-keeps-hot-evicts-cheap", Wanted("x", 1000), HOT_AND_CHEAP, 2000, 3, "cost-aware", (),
      {"hot": 3, "cheap": 3}, ("cheap",), ""),
     # ... or the idle one, however expensive.
-    ("lru-evicts-hot-not-idle", Candidate("x", 10), HOT_AND_IDLE, 9000, 2, "lru", (), {"hot": 3}, ("hot",), ""),
-    ("cost-keeps-hot-evicts-idle", Candidate("x", 10), HOT_AND_IDLE, 9000, 2, "cost-aware", (), {"hot": 3},
+    ("lru-evicts-hot-not-idle", Wanted("x", 10), HOT_AND_IDLE, 9000, 2, "lru", (), {"hot": 3}, ("hot",), ""),
+    ("cost-keeps-hot-evicts-idle", Wanted("x", 10), HOT_AND_IDLE, 9000, 2, "cost-aware", (), {"hot": 3},
      ("idle",), ""),
     # Memory binds: LRU evicts the old small model first and then needs the big one too; cost-aware,
     # with no demand to tell them apart, frees the room with one eviction.
-    ("lru-memory-needless-eviction", Candidate("x", 500), BIG_AND_SMALL, 1000, 9, "lru", (), {},
+    ("lru-memory-needless-eviction", Wanted("x", 500), BIG_AND_SMALL, 1000, 9, "lru", (), {},
      ("small", "big"), ""),
-    ("cost-memory-one-eviction", Candidate("x", 500), BIG_AND_SMALL, 1000, 9, "cost-aware", (), {}, ("big",), ""),
+    ("cost-memory-one-eviction", Wanted("x", 500), BIG_AND_SMALL, 1000, 9, "cost-aware", (), {}, ("big",), ""),
     # Two cheap models free the memory for less expected reload cost than one expensive model.
-    ("cost-two-cheap-beat-one-dear", Candidate("x", 500),
+    ("cost-two-cheap-beat-one-dear", Wanted("x", 500),
      [L("dear", 600, 1, load_ms=1000), L("p", 300, 2, load_ms=400), L("q", 300, 3, load_ms=400)], 1200, 9,
      "cost-aware", (), {"dear": 1, "p": 1, "q": 1}, ("p", "q"), ""),
+    # A member running a request is never evicted; when only it could make room, the refusal says "busy".
+    ("in-use-never-evicted", Wanted("d", 10), ABC, 100000, 3, "lru", (), {}, ("b",), "", ("a",)),
+    ("in-use-holds-the-room", Wanted("d", 1500), ABC, 3000, 9, "lru", ("b",), {}, (), "busy", ("a", "c")),
     # Equal expected costs: least recently used goes.
-    ("cost-tie-lru", Candidate("d", 10), ABC, 100000, 3, "cost-aware", (), {"a": 1, "b": 1, "c": 1}, ("a",), ""),
+    ("cost-tie-lru", Wanted("d", 10), ABC, 100000, 3, "cost-aware", (), {"a": 1, "b": 1, "c": 1}, ("a",), ""),
 ]
 
 
-@pytest.mark.parametrize("wanted,loaded,budget,max_loaded,policy,pinned,demand,evict,refused",
-                         [p[1:] for p in PLANS], ids=[p[0] for p in PLANS])
-def test_plan_evictions(wanted, loaded, budget, max_loaded, policy, pinned, demand, evict, refused) -> None:
-    plan = plan_evictions(wanted, loaded, budget, max_loaded, policy, frozenset(pinned), demand)
+@pytest.mark.parametrize("wanted,loaded,budget,max_loaded,policy,pinned,demand,evict,refused,in_use",
+                         [(*p[1:], *([()] if len(p) == 10 else [])) for p in PLANS], ids=[p[0] for p in PLANS])
+def test_plan_evictions(wanted, loaded, budget, max_loaded, policy, pinned, demand, evict, refused, in_use) -> None:
+    plan = plan_evictions(wanted, loaded, budget, max_loaded, policy, frozenset(pinned), demand, frozenset(in_use))
     assert plan.evict == evict
     assert plan.refused == refused
     assert plan.fits == (not refused)
     if refused:
         assert wanted.name in plan.detail or "pinned" in plan.detail
+    if refused == "busy":
+        assert "while a, c run(s) requests" in plan.detail
 
 
 def test_plan_evictions_refusal_messages_say_why() -> None:
-    too_big = plan_evictions(Candidate("qwen", 5000), [], 4000, 3, "lru", frozenset(), {})
+    too_big = plan_evictions(Wanted("qwen", 5000), [], 4000, 3, "lru", frozenset(), {})
     assert "5000 MB" in too_big.detail and "4000 MB" in too_big.detail
-    pinned = plan_evictions(Candidate("d", 1500), ABC, 3000, 9, "lru", frozenset({"a", "b"}), {})
+    pinned = plan_evictions(Wanted("d", 1500), ABC, 3000, 9, "lru", frozenset({"a", "b"}), {})
     assert "pinned models (a, b)" in pinned.detail and "no room for d" in pinned.detail
 
 
@@ -94,18 +103,18 @@ def test_cost_aware_with_many_models_uses_cost_per_mb() -> None:
     loaded = [L(f"m{i}", 100, i, load_ms=100) for i in range(14)] + [L("wide", 300, 99, load_ms=100)]
     demand = {f"m{i}": float(i) for i in range(14)} | {"wide": 1.2}
     # per MB: m0 (0), wide (0.4), m1 (1.0), ...
-    plan = plan_evictions(Candidate("x", 150), loaded, 1500, 99, "cost-aware", frozenset(), demand)
+    plan = plan_evictions(Wanted("x", 150), loaded, 1500, 99, "cost-aware", frozenset(), demand)
     assert plan.evict == ("m0", "wide")  # 350 MB to free
-    plan = plan_evictions(Candidate("x", 50), loaded, 1500, 99, "cost-aware", frozenset(), demand)
+    plan = plan_evictions(Wanted("x", 50), loaded, 1500, 99, "cost-aware", frozenset(), demand)
     assert plan.evict == ("wide",)  # 250 MB to free: wide alone frees it, so m0 stays
 
 
 def test_unknown_policy_is_refused() -> None:
     with pytest.raises(ValueError, match="random"):
-        plan_evictions(Candidate("a", 1), [], 10, 1, "random", frozenset(), {})
+        plan_evictions(Wanted("a", 1), [], 10, 1, "random", frozenset(), {})
 
 
-# ---------------------------------------------------------------- ModelCache
+# ---------------------------------------------------------------- MemberCache
 
 
 class Session:
@@ -116,17 +125,16 @@ class Session:
 
 
 def make_cache(policy: str = "lru", budget: float = 3000, max_loaded: int = 3, *, real=None, estimate=None,
-               cost=None, demand=None, pinned=(), prefetch=False, events=None) -> ModelCache:
+               cost=None, pinned=(), prefetch=False, events=None, load=None) -> MemberCache:
     real = real or {}
     estimate = estimate or {}
-    return ModelCache(
+    return MemberCache(
         {"budget_mb": budget, "max_loaded": max_loaded, "eviction": policy, "pinned": list(pinned),
          "prefetch": prefetch},
-        load=Session,
+        load=load or Session,
         memory_of=lambda name, session: real.get(name, 1000),
         estimate_mb=lambda name: estimate.get(name, real.get(name, 1000)),
         load_cost_ms=lambda name: (cost or {}).get(name, 1000),
-        demand=demand or dict,
         log=(events.append if events is not None else lambda event: None),
     )
 
@@ -141,18 +149,24 @@ def frozen_heap():
     gc.unfreeze()
 
 
-def loaded_names(cache: ModelCache) -> set[str]:
+def take(cache: MemberCache, name: str) -> Lease:
+    """A lease given back at once: what a request that finished did with the member."""
+    with cache.lease(name) as lease:
+        return lease
+
+
+def loaded_names(cache: MemberCache) -> set[str]:
     return {m["model"] for m in cache.state()["loaded"]}
 
 
 def test_hits_and_misses_are_counted() -> None:
     cache = make_cache()
-    first = cache.acquire("a")
+    first = take(cache, "a")
     assert not first.hit and first.session.name == "a" and first.evicted == []
-    again = cache.acquire("a")
+    again = take(cache, "a")
     assert again.hit and again.session is first.session and again.load_ms == 0.0
-    cache.acquire("b")
-    cache.acquire("a")
+    take(cache, "b")
+    take(cache, "a")
     state = cache.state()
     assert (state["hits"], state["misses"], state["loads"], state["evictions"]) == (2, 2, 2, 0)
     assert [m["model"] for m in state["loaded"]] == ["a", "b"]  # most recent first
@@ -162,7 +176,7 @@ def test_log_once_per_committed_load_and_eviction() -> None:
     events: list[CacheEvent] = []
     cache = make_cache(max_loaded=2, events=events)
     for name in "aabcab":
-        cache.acquire(name)
+        take(cache, name)
     assert [(e.kind, e.model) for e in events] == [
         ("load", "a"), ("load", "b"), ("evict", "a"), ("load", "c"), ("evict", "b"), ("load", "a"),
         ("evict", "c"), ("load", "b")]
@@ -171,17 +185,17 @@ def test_log_once_per_committed_load_and_eviction() -> None:
 
 def test_evicted_sessions_are_released() -> None:
     cache = make_cache(max_loaded=1)
-    ref = weakref.ref(cache.acquire("a").session)
-    cache.acquire("b")
+    ref = weakref.ref(take(cache, "a").session)
+    take(cache, "b")
     assert ref() is None
 
 
 def test_measured_memory_beyond_the_estimate_evicts_further_never_the_new_model() -> None:
     events: list[CacheEvent] = []
     cache = make_cache(budget=3000, real={"a": 1000, "b": 1000, "c": 1900}, estimate={"c": 1000}, events=events)
-    cache.acquire("a")
-    cache.acquire("b")
-    got = cache.acquire("c")  # planned with 1000 MB: fits; measured 1900: one of a, b must go
+    take(cache, "a")
+    take(cache, "b")
+    got = take(cache, "c")  # planned with 1000 MB: fits; measured 1900: one of a, b must go
     assert got.evicted == ["a"]
     assert loaded_names(cache) == {"b", "c"}
     assert cache.state()["used_mb"] == 2900
@@ -191,29 +205,29 @@ def test_measured_memory_beyond_the_estimate_evicts_further_never_the_new_model(
 def test_measured_memory_replaces_a_high_estimate() -> None:
     cache = make_cache(budget=1000, real={"a": 400, "b": 500, "c": 500}, estimate={"a": 900})
     for name in "abc":
-        cache.acquire(name)
+        take(cache, name)
     assert loaded_names(cache) == {"b", "c"}
-    assert cache.acquire("a").evicted == ["b"]  # planned with 400 MB, not 900: one eviction, not two
+    assert take(cache, "a").evicted == ["b"]  # planned with 400 MB, not 900: one eviction, not two
 
 
 def test_a_model_bigger_than_the_budget_fails_cleanly() -> None:
     events: list[CacheEvent] = []
     cache = make_cache(budget=2000, real={"a": 1000, "huge": 2500}, estimate={"huge": 1500}, events=events)
-    cache.acquire("a")
+    take(cache, "a")
     with pytest.raises(CacheError, match="huge needs 2500 MB"):
-        cache.acquire("huge")  # the estimate fitted; the measured memory does not, even alone
+        take(cache, "huge")  # the estimate fitted; the measured memory does not, even alone
     assert loaded_names(cache) == set()  # a went to make room for the estimate; huge was never committed
     assert [(e.kind, e.model) for e in events] == [("load", "a"), ("evict", "a")]
     with pytest.raises(CacheError, match="huge needs 2500 MB"):
-        cache.acquire("huge")  # now known: refused before loading
+        take(cache, "huge")  # now known: refused before loading
     assert cache.state()["loads"] == 1
 
 
 def test_pinned_models_leave_no_room() -> None:
     cache = make_cache(budget=2000, pinned=("a",), real={"a": 1500})
-    cache.acquire("a")
+    take(cache, "a")
     with pytest.raises(CacheError, match="pinned models \\(a\\)"):
-        cache.acquire("b")
+        take(cache, "b")
     assert loaded_names(cache) == {"a"}
 
 
@@ -221,7 +235,7 @@ def test_set_budget_evicts_at_once_never_pinned() -> None:
     events: list[CacheEvent] = []
     cache = make_cache(budget=3000, real={"a": 1000, "b": 1000, "c": 1000}, events=events)
     for name in "abc":
-        cache.acquire(name)
+        take(cache, name)
     cache.pin("a")
     assert cache.set_budget(1500) == ["b", "c"]
     assert loaded_names(cache) == {"a"} and cache.state()["budget_mb"] == 1500
@@ -237,20 +251,20 @@ def test_prefetch_never_evicts() -> None:
     events: list[CacheEvent] = []
     cache = make_cache(budget=2500, max_loaded=2, prefetch=True, real={"a": 1000, "b": 1000, "c": 1000,
                                                                        "big": 1600}, events=events)
-    cache.acquire("a")
+    take(cache, "a")
     assert not cache.prefetch("big")  # would need an eviction
     assert cache.prefetch("b")
     assert events[-1] == CacheEvent("load", "b", 1000, "prefetch")
     assert not cache.prefetch("c")  # count limit
     assert not cache.prefetch("a")  # already loaded
-    assert cache.acquire("b").hit
+    assert take(cache, "b").hit
     state = cache.state()
     assert (state["evictions"], state["loads"], state["misses"], state["hits"]) == (0, 2, 1, 1)
 
 
 def test_prefetch_drops_a_model_that_measures_too_big() -> None:
     cache = make_cache(budget=2500, prefetch=True, real={"a": 1000, "b": 1600}, estimate={"b": 1000})
-    cache.acquire("a")
+    take(cache, "a")
     assert not cache.prefetch("b")
     assert loaded_names(cache) == {"a"} and cache.state()["loads"] == 1
 
@@ -270,12 +284,10 @@ def test_invariant_over_a_long_random_workload(policy: str, frozen_heap: None) -
     estimate = {n: rng.uniform(300, 2200) for n in names}
     cost = {n: rng.uniform(200, 4000) for n in names}
     weights = [rng.uniform(0.2, 5) for _ in names]
-    demand = DecayedDemand()
     events: list[CacheEvent] = []
-    cache = ModelCache({"budget_mb": 4000, "max_loaded": 3, "eviction": policy}, load=Session,
-                       memory_of=lambda name, session: estimate[name] * rng.uniform(0.7, 1.3),
-                       estimate_mb=estimate.__getitem__, load_cost_ms=cost.__getitem__, demand=demand,
-                       log=events.append)
+    cache = MemberCache({"budget_mb": 4000, "max_loaded": 3, "eviction": policy}, load=Session,
+                        memory_of=lambda name, session: estimate[name] * rng.uniform(0.7, 1.3),
+                        estimate_mb=estimate.__getitem__, load_cost_ms=cost.__getitem__, log=events.append)
     mirror: set[str] = set()  # the loaded set replayed from the log
     seen = [0]
     refused = 0
@@ -299,9 +311,8 @@ def test_invariant_over_a_long_random_workload(policy: str, frozen_heap: None) -
             cache.set_budget(1500)  # m1, m3 and m4 (estimates 1334, 1447, 1489 MB) may not fit
             check()
         name = rng.choices(names, weights)[0]
-        demand.observe(name)
         try:
-            got = cache.acquire(name)
+            got = take(cache, name)
         except CacheError:
             refused += 1
             assert name not in loaded_names(cache)
@@ -323,13 +334,11 @@ def _skewed_run(policy: str, cost: dict[str, float], seed: int = 1) -> tuple[flo
     shares = {"a": 40, "b": 25, "c": 15, "d": 10, "f": 7, "rare": 3}
     memory = {"a": 300, "b": 500, "c": 800, "d": 900, "f": 700, "rare": 1600}
     rng = random.Random(seed)
-    demand = DecayedDemand()
-    cache = make_cache(policy, budget=2500, max_loaded=4, real=memory, cost=cost, demand=demand)
+    cache = make_cache(policy, budget=2500, max_loaded=4, real=memory, cost=cost)
     reload_ms = 0.0
     for _ in range(5000):
         name = rng.choices(list(shares), list(shares.values()))[0]
-        demand.observe(name)
-        if not cache.acquire(name).hit:
+        if not take(cache, name).hit:
             reload_ms += cost[name]
     return cache.state()["hits"] / 5000, reload_ms
 
@@ -351,6 +360,106 @@ def test_cost_aware_trades_hits_for_reload_time_when_the_rare_model_is_very_expe
     print(f"\nrare model 6000 ms: hit rate lru {lru[0]:.3f}, cost-aware {aware[0]:.3f}; "
           f"reload ms lru {lru[1]:.0f}, cost-aware {aware[1]:.0f}")
     assert aware[1] < lru[1]
+
+
+def test_a_member_under_a_lease_is_never_evicted() -> None:
+    cache = make_cache(budget=2000, max_loaded=2, real={"a": 1000, "b": 1000, "c": 1000})
+    with cache.lease("a"):
+        take(cache, "b")
+        assert take(cache, "c").evicted == ["b"]  # a is older but in use
+        with cache.lease("c"), pytest.raises(CacheError, match="run\\(s\\) requests") as refused:
+            take(cache, "b")  # a and c both run requests: no room now
+        assert refused.value.busy
+    assert take(cache, "b").evicted == ["a"]  # a is free again, and the least recently used
+
+
+def test_requests_for_one_member_share_its_load() -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    def slow_load(name: str) -> Session:
+        started.set()
+        release.wait(10)
+        return Session(name)
+
+    cache = make_cache(load=slow_load)
+    leases: list[Lease] = []
+    threads = [threading.Thread(target=lambda: leases.append(take(cache, "a"))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    started.wait(10)
+    assert cache.state()["loading"] == ["a"]
+    release.set()
+    for t in threads:
+        t.join()
+    assert cache.state()["loads"] == 1 and sorted(lease.hit for lease in leases) == [False, True, True, True]
+    assert len({id(lease.session) for lease in leases}) == 1
+
+
+def test_a_failed_load_frees_its_reservation() -> None:
+    def broken(name: str) -> Session:
+        raise OSError("disk gone")
+
+    cache = make_cache(budget=1000, load=broken)
+    with pytest.raises(OSError):
+        take(cache, "a")
+    assert cache.state()["loading"] == [] and cache.state()["used_mb"] == 0
+
+
+@pytest.mark.parametrize("policy", ["lru", "cost-aware"])
+def test_leases_from_many_threads_keep_the_invariant(policy: str, frozen_heap: None) -> None:
+    """8 threads, 2,400 leases over 5 members with loads and runs overlapping: loaded plus loading never exceeds
+    the budget or the count, and no member is evicted while a thread holds it."""
+    rng = random.Random(5)
+    sizes = {f"m{i}": 400 + 150 * i for i in range(5)}
+    held: dict[str, int] = {n: 0 for n in sizes}
+    held_lock = threading.Lock()
+    violations: list[str] = []
+
+    def on_event(event: CacheEvent) -> None:  # called under the cache's lock
+        state = cache.state()
+        if state["used_mb"] + sum(sizes[n] for n in state["loading"]) > state["budget_mb"] + 1e-6:
+            violations.append(f"over budget after {event}")
+        if len(state["loaded"]) + len(state["loading"]) > state["max_loaded"]:
+            violations.append(f"over the count after {event}")
+        with held_lock:
+            if event.kind == "evict" and held[event.model]:
+                violations.append(f"evicted {event.model} while held")
+
+    def load(name: str) -> Session:
+        time.sleep(0.0005)
+        return Session(name)
+
+    cache = MemberCache({"budget_mb": 1800, "max_loaded": 3, "eviction": policy}, load=load,
+                        memory_of=lambda name, session: sizes[name], estimate_mb=sizes.__getitem__,
+                        load_cost_ms=lambda name: 100.0, log=on_event)
+    refused = [0]
+
+    def worker(seed: int) -> None:
+        r = random.Random(seed)
+        for _ in range(300):
+            name = r.choice(list(sizes))
+            try:
+                with cache.lease(name) as lease:
+                    assert lease.session.name == name
+                    with held_lock:
+                        held[name] += 1
+                    time.sleep(r.uniform(0, 0.001))
+                    with held_lock:
+                        held[name] -= 1
+            except CacheError as exc:
+                assert exc.busy
+                refused[0] += 1
+
+    threads = [threading.Thread(target=worker, args=(rng.random(),)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    state = cache.state()
+    assert violations == []
+    assert state["hits"] + state["misses"] == 2400 and state["evictions"] > 10  # it churned
+    assert all(m["in_use"] == 0 for m in state["loaded"]) and state["loading"] == []
 
 
 def test_decayed_demand_tracks_recent_share() -> None:

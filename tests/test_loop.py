@@ -1,0 +1,193 @@
+"""The MAPE-K loop with fake parts (members that answer from a script, an embedding of keywords) and its real
+planner, analyzer, cache, executor and an SQLite knowledge base: routing, fallback, escalation, streaming and
+records, synchronous and fast."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calm_cli.errors import MemberFailure, PromptTooLong
+from calm_cli.knowledge import open_knowledge
+from calm_cli.loop.analyze import Analyzer
+from calm_cli.loop.calm import Calm
+from calm_cli.loop.execute.cache import MemberCache
+from calm_cli.loop.execute.run import Executor
+from calm_cli.loop.plan import Planner
+from calm_cli.members.base import Ask, Member, Run
+from calm_cli.policy import MemberPolicy, Policy
+
+WORDS = ("code", "chat", "fact")
+
+
+def embed(texts: list[str]) -> np.ndarray:
+    """Keyword counts, unit length: 'code' queries sit near the code member's description, and so on."""
+    rows = np.array([[t.lower().count(w) + 0.01 for w in WORDS] for t in texts], dtype=np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+class Scripted(Member):
+    """A member that answers 'name: query' with a set confidence, or fails as told."""
+
+    def __init__(self, name: str, description: str, confidence: float = 0.9, mb: float = 100.0):
+        self.name, self.config, self.precision = name, MemberPolicy(name, description, max_tokens=8), "int4"
+        self.confidence, self.mb, self.fail, self.loads = confidence, mb, None, 0
+        self.gate: threading.Event | None = None  # when set, generate waits for it (a request in progress)
+
+    def estimate_mb(self) -> float:
+        return self.mb
+
+    def load_estimate_ms(self) -> float:
+        return 10.0
+
+    def load(self) -> object:
+        self.loads += 1
+        return {"session": self.name}
+
+    def memory_of(self, session: object) -> float:
+        return self.mb
+
+    def generate(self, session: object, ask: Ask) -> Run:
+        if self.fail is not None:
+            raise self.fail
+        if self.gate is not None:
+            self.gate.wait(10)
+        text = f"{self.name}: {ask.query}"
+        for piece in (text[:4], text[4:]):
+            if ask.on_text:
+                ask.on_text(piece)
+        return Run(self.name, text, 5.0, 1.0, 3, 2, 100.0, 0.5, True, self.confidence, "fake", "eos")
+
+
+def policy(escalate: bool = True, budget: float = 1000, max_loaded: int = 4) -> Policy:
+    fleet = (MemberPolicy("coder", "code code code"), MemberPolicy("talker", "chat chat chat"))
+    escalation = {"enabled": True, "model": "big", "description": "fact fact", "confidence_threshold": 0.5} \
+        if escalate else {"enabled": False}
+    return Policy(name="test", source="test", fleet=fleet, goals={}, weights={
+        "semantic": 1.0, "quality": 1.0, "latency": 0.0, "energy": 0.0, "memory": 0.0, "load": 0.0},
+        cache={"budget_mb": budget, "max_loaded": max_loaded, "eviction": "lru"}, queue={"discipline": "fifo"},
+        escalation=escalation)
+
+
+@pytest.fixture
+def parts(tmp_path: Path):
+    def make(pol: Policy, **members: Scripted) -> Calm:
+        kb = open_knowledge(tmp_path / "kb.sqlite")
+        analyzer = Analyzer(members, kb, pol.goals)
+        cache = MemberCache(pol.cache, load=lambda n: members[n].load(), memory_of=lambda n, s: members[n].mb,
+                            estimate_mb=analyzer.memory_mb, load_cost_ms=analyzer.load_cost_ms)
+        return Calm(pol, embed=embed, planner=Planner(pol, list(pol.fleet), embed), analyzer=analyzer,
+                    executor=Executor(members, cache, kb, pol.name), members=members, knowledge=kb)
+
+    return make
+
+
+def fleet(**over: float) -> dict[str, Scripted]:
+    return {"coder": Scripted("coder", "code", over.get("coder", 0.9)),
+            "talker": Scripted("talker", "chat", over.get("talker", 0.9)),
+            "big": Scripted("big", "fact", over.get("big", 0.9), mb=300)}
+
+
+def failures(calm: Calm) -> list[tuple[str, str | None]]:
+    return sorted((r["model"], r["escalated_from"]) for m in calm.members for r in calm.kb.recent(m)
+                  if r["error_code"])
+
+
+def test_routes_by_fit_and_records_the_run(parts) -> None:
+    calm = parts(policy(escalate=False), **fleet())
+    record = calm.answer({"id": 1, "query": "some code please"})
+    assert record["model"] == "coder" and record["answer"] == "coder: some code please"
+    assert record["routing"]["candidates"][0]["model"] == "coder" and record["routing"]["fallback_from"] is None
+    assert record["metrics"]["precision"] == "int4" and record["metrics"]["cache_hit"] is False
+    assert [r["model"] for r in calm.kb.recent("coder")] == ["coder"]
+    again = calm.answer({"id": 2, "query": "more code"})
+    assert again["metrics"]["cache_hit"] is True and calm.members["coder"].loads == 1
+
+
+def test_a_failing_member_falls_back_and_is_counted(parts) -> None:
+    members = fleet()
+    members["coder"].fail = MemberFailure("the server is down")
+    calm = parts(policy(escalate=False), **members)
+    record = calm.answer({"id": 1, "query": "code"})
+    assert record["model"] == "talker" and record["routing"]["fallback_from"] == "coder"
+    assert failures(calm) == [("coder", None)]
+
+
+def test_every_member_failing_is_model_failed(parts) -> None:
+    members = fleet()
+    for m in members.values():
+        m.fail = MemberFailure(f"{m.name} broke")
+    calm = parts(policy(escalate=False), **members)
+    record = calm.answer({"id": 1, "query": "code"})
+    assert record["error"]["code"] == "model_failed"
+    assert "coder: coder broke" in record["error"]["message"] and "talker: talker broke" in record["error"]["message"]
+
+
+def test_a_bad_request_is_not_retried_on_other_members(parts) -> None:
+    members = fleet()
+    members["coder"].fail = PromptTooLong("400 tokens exceed the context window")
+    calm = parts(policy(escalate=False), **members)
+    record = calm.answer({"id": 1, "query": "code"})
+    assert record["error"]["code"] == "prompt_too_long" and failures(calm) == []
+    assert members["talker"].loads == 0
+
+
+def test_an_unsure_answer_escalates_and_streams_only_the_final_answer(parts) -> None:
+    calm = parts(policy(), **fleet(coder=0.2))
+    pieces: list[str] = []
+    record = calm.answer({"id": 1, "query": "code"}, on_text=pieces.append)
+    assert record["model"] == "big" and record["routing"]["escalated_from"] == "coder"
+    assert "".join(pieces) == record["answer"] == "big: code" and len(pieces) == 2
+    assert [r["escalated_from"] for r in calm.kb.recent("big")] == ["coder"]
+
+
+def test_a_sure_answer_is_held_back_whole_then_given(parts) -> None:
+    calm = parts(policy(), **fleet(coder=0.9))
+    pieces: list[str] = []
+    record = calm.answer({"id": 1, "query": "code"}, on_text=pieces.append)
+    assert record["model"] == "coder" and pieces == ["coder: code"]
+
+
+def test_a_failed_escalation_keeps_the_first_answer_and_is_recorded(parts) -> None:
+    members = fleet(coder=0.2)
+    members["big"].fail = MemberFailure("out of memory")
+    calm = parts(policy(), **members)
+    record = calm.answer({"id": 1, "query": "code"})
+    assert record["model"] == "coder" and record["routing"]["escalated_from"] is None
+    assert "escalation to big failed" in record["routing"]["reason"]
+    assert failures(calm) == [("big", "coder")]
+
+
+def test_a_member_running_a_request_is_never_evicted(parts) -> None:
+    """Room for one member only: while coder answers, a request for talker cannot evict it, so it falls back
+    (to coder, once free) instead of pulling the session from under the running request."""
+    members = fleet()
+    members["coder"].gate = threading.Event()
+    calm = parts(policy(escalate=False, max_loaded=1), **members)
+    first: dict = {}
+    running = threading.Thread(target=lambda: first.update(calm.answer({"id": 1, "query": "code"})))
+    running.start()
+    for _ in range(1000):  # until coder is loaded and running the first request
+        if any(m["in_use"] for m in calm.cache.state()["loaded"]):
+            break
+        time.sleep(0.01)
+    assert calm.cache.state()["loaded"][0]["in_use"], first
+    second = calm.answer({"id": 2, "query": "chat", "model": "talker"})
+    assert second["error"]["code"] == "model_failed" and "run(s) requests" in second["error"]["message"]
+    members["coder"].gate.set()
+    running.join()
+    assert first["model"] == "coder" and first["error"] is None
+    assert calm.answer({"id": 3, "query": "chat", "model": "talker"})["model"] == "talker"
+
+
+def test_a_new_calibration_is_seen_without_a_restart(parts) -> None:
+    calm = parts(policy(escalate=False), **fleet())
+    assert calm.analyzer.calibration().embeddings.shape == (0, 0)
+    calm.kb.add_calibration([{"model": m, "task": "t", "item_id": "1", "score": 1.0, "domain": "code",
+                              "embedding": embed(["code"])[0]} for m in ("coder", "talker")])
+    record = calm.answer({"id": 1, "query": "code"})
+    assert record["routing"]["candidates"][0]["quality"] == 1.0
