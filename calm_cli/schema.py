@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import jsonschema
 
 from calm_cli import bounded
+from calm_cli.errors import UsageError
 from calm_cli.resources import SCHEMAS
 
 MAX_PROBLEMS = 20  # per file or line: more are counted, not listed
@@ -26,7 +27,7 @@ _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class InvalidFile(ValueError):
+class InvalidFile(UsageError):
     """A file that does not match its format; `problems` holds one line per problem (MAX_PROBLEMS at most,
     then one line counting the rest)."""
 

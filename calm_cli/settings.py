@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from calm_cli.bounded import one_line
+from calm_cli.errors import UsageError
 
 _DIGITS = re.compile(r"[0-9]{1,9}")
 
 
-class SettingError(ValueError):
+class SettingError(UsageError):
     """A CALM_* variable holds a value that cannot be used; str() is one line naming it and what it accepts."""
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from calm_cli.bench.workload import QueryResult, SystemResult
-from calm_cli.tasks import Item
+from calm_cli.eval.tasks import Item
 
 
 def test_failed_requests_score_zero_and_are_counted() -> None:

@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calm_cli import evaluate, settings, tasks
+from calm_cli import settings
+from calm_cli.eval import evaluate, tasks
 from calm_cli.engine import decode
 from calm_cli.engine.meters import EnergyMeter
-from calm_cli.evaluate import exact_match, extract_code, match_choice, normalize, numeric_match
+from calm_cli.eval.evaluate import exact_match, extract_code, match_choice, normalize, numeric_match
 from calm_cli.fleet import lock
-from calm_cli.tasks import Item
+from calm_cli.eval.tasks import Item
 
 SPECS = lock.load()
 CHAT = SPECS["smollm2-135m"]

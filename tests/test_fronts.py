@@ -256,3 +256,40 @@ def test_route_explain_on_a_fresh_install_says_what_is_not_calibrated(tiny_env: 
     table = [line for line in err.splitlines() if line.startswith(("smollm2", "gemma3", "qwen"))]
     assert table and all(" - " in line for line in table)  # no 0.000 ms or J standing for "unknown"
     assert "0.000" not in "\n".join(table)
+
+
+@pytest.fixture
+def tiny_env_with_data(tiny_env: dict, tiny_home: Path, fleet_store) -> dict:
+    """The tiny fleet plus the pinned evaluation data (fetched into calm's shared cache, linked here)."""
+    from calm_cli.eval import tasks
+
+    tasks.fetch_data(fleet_store.root)
+    data = tiny_home / "cache" / "data"
+    if not data.exists():
+        data.symlink_to(fleet_store.root / "data")
+    return tiny_env
+
+
+@pytest.mark.fleet
+def test_profile_then_bench_on_the_tiny_fleet(tiny_env_with_data: dict, tmp_path: Path) -> None:
+    """calm profile fills the knowledge base; calm bench then runs every system side by side."""
+    env = tiny_env_with_data
+    profiled = calm(env, "profile", "--limit", "1", "--models", "smollm2-135m,qwen2.5-coder-1.5b")
+    assert profiled.returncode == 0, profiled.stderr.decode()[-2000:]
+    assert b"smollm2-135m" in profiled.stdout and b"Traceback" not in profiled.stderr
+    stats = json.loads(calm(env, "kb", "stats", "--json").stdout)
+    assert stats["rows"]["profiles"] == 2 and stats["rows"]["calibration"] > 0
+    out = tmp_path / "bench.json"
+    bench = calm(env, "bench", "--n", "1", "--tasks", "arithmetic,general_knowledge", "--json", str(out))
+    assert bench.returncode == 0, bench.stderr.decode()[-2000:]
+    names = [s["name"] for s in json.loads(out.read_text())["systems"]]
+    assert "qwen2.5-coder-1.5b alone" in names and "calm (default)" in names and "oracle (hindsight)" in names
+
+
+def test_bench_refuses_a_missing_plot_library_before_running(tiny_env: dict, tmp_path: Path) -> None:
+    """Without matplotlib, --plot fails at once, naming the extra, instead of after the whole workload."""
+    env = {**tiny_env, "PYTHONPATH": str(tmp_path)}
+    (tmp_path / "matplotlib").mkdir()  # a package that cannot be what calm needs: hide the real one
+    (tmp_path / "matplotlib" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    result = calm(env, "bench", "--n", "1", "--plot", str(tmp_path / "p.png"))
+    assert result.returncode == 2 and b"--plot needs matplotlib" in result.stderr, result.stderr.decode()

@@ -23,7 +23,7 @@ from typing import Iterator
 import pytest
 from click.testing import CliRunner
 
-from calm_cli import tasks
+from calm_cli.eval import tasks
 from calm_cli.cli import main
 from calm_cli.fleet import lock
 from calm_cli.fleet.export import log_path

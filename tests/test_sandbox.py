@@ -22,10 +22,11 @@ from typing import Iterator
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from calm_cli import evaluate, sandbox, settings, tasks
-from calm_cli import sandbox_child as child
-from calm_cli.sandbox import run_check, run_python
-from calm_cli.tasks import Item
+from calm_cli import settings
+from calm_cli.eval import evaluate, sandbox, tasks
+from calm_cli.eval import sandbox_child as child
+from calm_cli.eval.sandbox import run_check, run_python
+from calm_cli.eval.tasks import Item
 
 STRONG = [lvl for lvl in ("namespaces", "user-namespaces") if sandbox.probe(lvl) is None]
 LEVELS = [*STRONG, "audit-hooks"]
@@ -267,7 +268,7 @@ for target in (CALM_PID, os.getppid()):
 # A stand-in for calm: a process that runs the code (in the sandbox, or plainly) and then says it lives.
 CALM = """
 import os, subprocess, sys
-from calm_cli import sandbox
+from calm_cli.eval import sandbox
 source = sys.argv[1].replace("CALM_PID", str(os.getpid()))
 if sys.argv[2] == "plain":
     subprocess.run([sys.executable, "-I", "-c", source])

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from calm_cli import settings, tasks
+from calm_cli import settings
+from calm_cli.eval import tasks
 from calm_cli.fleet.pull import DownloadError
 from calm_cli.fleet.store import IntegrityError
-from calm_cli.tasks import Item
+from calm_cli.eval.tasks import Item
 
 # ---------------------------------------------------------------------------------------------------------
 # fetch_data with a fake pip

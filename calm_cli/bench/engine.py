@@ -16,6 +16,7 @@ from typing import Callable
 
 from calm_cli.engine.prompt import render
 from calm_cli.engine.tokenizer import load_tokenizer
+from calm_cli.errors import CalmError
 from calm_cli.fleet.lock import ModelSpec
 from calm_cli.fleet.store import Store
 
@@ -23,7 +24,7 @@ PROMPT = ("Explain in a few sentences why the sky is blue, and then give one eve
           "effect that a child could notice.")
 
 
-class BenchError(RuntimeError):
+class BenchError(CalmError):
     """A measurement that could not be taken."""
 
 

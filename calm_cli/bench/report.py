@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from tabulate import tabulate
+
+from calm_cli.errors import UsageError
 
 
 def _delta(value: float, base: float) -> str:
@@ -33,6 +36,17 @@ def table(result: dict) -> str:
     for name, scenario in result.get("scenarios", {}).items():
         out += f"\n\nscenario {name}:\n" + "\n".join(f"  {k}: {v}" for k, v in scenario.items())
     return out
+
+
+class PlotUnavailable(UsageError):
+    """--plot without matplotlib: said before the run, not after it."""
+
+
+def check_plot() -> None:
+    try:
+        importlib.import_module("matplotlib")
+    except ImportError as exc:
+        raise PlotUnavailable(f"--plot needs matplotlib ({exc}): pip install -e '.[plot]'") from exc
 
 
 def plot(result: dict, path: Path) -> None:

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from calm_cli import evaluate, tasks
+from calm_cli.eval import evaluate, tasks
 from calm_cli.engine.decoder import Decoder
 from calm_cli.fleet import lock
 from calm_cli.fleet.store import Store
@@ -32,7 +32,7 @@ from calm_cli.loop.analyze import WINDOW
 from calm_cli.loop.assemble import assemble
 from calm_cli.loop.calm import Calm
 from calm_cli.loop.execute.queue import RequestQueue
-from calm_cli.members.base import Member, Run
+from calm_cli.members.base import Member, NotExported, Run
 from calm_cli.policy import Policy
 
 BASELINE = "qwen2.5-coder-1.5b"
@@ -266,6 +266,17 @@ class Scenarios:
     budget_cut: tuple[float, int] | None = None
     arrival: float | None = None
     sweep: tuple[float, ...] = ()  # factors on the main policy's cost weights (latency, energy, load)
+
+
+def prepare(policies: list[Policy], store: Store, task_names: list[str] | None, n_per_task: int, seed: int,
+            shift: bool, log: Callable[[str], None]) -> list[tasks.Item]:
+    """The workload, once everything a run needs is there: every member's and the baseline's export, the
+    encoder's, and the pinned data (checked before the first item, not after the members-alone runs)."""
+    needed = {m.model for p in policies for m in p.members} | {BASELINE, policies[0].encoder}
+    missing = sorted(n for n in needed if not store.exports(n))
+    if missing:
+        raise NotExported(f"not exported: {', '.join(missing)}: run `calm models export {' '.join(missing)}`")
+    return workload(tasks.fetch_data(store.root, log=log), task_names, n_per_task, seed, shift)
 
 
 def workload(data: dict, task_names: list[str] | None, n_per_task: int, seed: int,

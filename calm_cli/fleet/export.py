@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
+from calm_cli.errors import CalmError
 from calm_cli.fleet.lock import ModelSpec
 from calm_cli.fleet.store import Store, write_manifest
 
@@ -28,7 +29,7 @@ INSTALL_HINT = "install the export extra: pip install -e '.[export]' (in calm's 
 LOG_TAIL_LINES = 12
 
 
-class ExportError(RuntimeError):
+class ExportError(CalmError):
     """An export that did not finish; nothing that looks finished is left behind."""
 
 
@@ -87,6 +88,12 @@ def _run_worker(cmd: list[str], name: str, log: Path, echo: Callable[[str], None
                     sink.write(line)
                     sink.flush()
     return proc.returncode, report
+
+
+def precision_for(spec: ModelSpec, requested: str | None) -> str:
+    """The precision to export: the one asked for, else the lock's first; int4 means int8 for an encoder."""
+    wanted = requested or spec.default_precision
+    return "int8" if wanted == "int4" and not spec.generative else wanted
 
 
 def export(spec: ModelSpec, store: Store, precision: str, echo: Callable[[str], None]) -> Path:

@@ -40,6 +40,8 @@ import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from calm_cli.errors import CalmError
+
 __all__ = [
     "GGUFFile",
     "QuantBlocks",
@@ -52,7 +54,7 @@ __all__ = [
 ]
 
 
-class UnsupportedQuantType(ValueError):
+class UnsupportedQuantType(CalmError):
     """The GGUF tensor's block type has no exact MatMulNBits representation here."""
 
 

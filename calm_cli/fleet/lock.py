@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calm_cli import schema
+from calm_cli.errors import UsageError
 from calm_cli.resources import LOCK
 
 
-class UnknownModel(KeyError):
+class UnknownModel(UsageError):
     """A model name that models.lock does not define."""
 
     def __str__(self) -> str:

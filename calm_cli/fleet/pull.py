@@ -25,13 +25,14 @@ from typing import Callable
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 from calm_cli import settings
+from calm_cli.errors import CalmError
 from calm_cli.fleet.lock import ModelSpec
 from calm_cli.fleet.store import IntegrityError, Store, verify_dir, write_manifest
 
 Progress = Callable[[str, int, Callable[[int], None]], None]
 
 
-class DownloadError(RuntimeError):
+class DownloadError(CalmError):
     """A pinned package could not be fetched (pip failed, or the index did not serve the file)."""
 
 

@@ -15,13 +15,18 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+from calm_cli.errors import CalmError
+
+if TYPE_CHECKING:
+    from calm_cli.fleet.lock import ModelSpec
 
 MANIFEST = "manifest.json"
 SOURCE = "source"
 
 
-class IntegrityError(RuntimeError):
+class IntegrityError(CalmError):
     """A file whose bytes are not the ones pinned or recorded."""
 
 
@@ -143,6 +148,20 @@ class Store:
         finally:
             if stage.exists():
                 shutil.rmtree(stage, ignore_errors=True)
+
+    def verify(self, name: str) -> tuple[int, list[str]]:
+        """(directories checked, one line per bad file) for a model's source and exports."""
+        dirs = [d for d in (self.source_dir(name), *self.exports(name).values()) if d.exists()]
+        return len(dirs), [line for d in dirs for line in verify_dir(d)]
+
+    def describe(self, spec: ModelSpec) -> dict:
+        """What `calm models list` shows of a model: its lock entry and what is on disk."""
+        exports = self.exports(spec.name)
+        state = "exported" if exports else "pulled" if self.finished(self.source_dir(spec.name)) else "missing"
+        return {"name": spec.name, "role": spec.role, "parameters": spec.parameters,
+                "precision": sorted(exports) or None, "state": state,
+                "size_mb": round(self.size_on_disk(spec.name) / 2**20, 1), "licence": spec.licence,
+                "path": str(self.model_dir(spec.name))}
 
     def size_on_disk(self, name: str) -> int:
         base = self.model_dir(name)

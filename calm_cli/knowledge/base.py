@@ -15,6 +15,8 @@ from typing import Any, Iterable, TextIO
 
 import numpy as np
 
+from calm_cli.errors import CalmError
+
 OBSERVATION_REQUIRED = ("ts", "request_id", "policy", "model", "latency_ms", "ttft_ms", "queue_ms", "load_ms",
                         "tokens_in", "tokens_out", "tokens_per_s", "energy_j", "energy_estimated", "memory_mb",
                         "cache_hit", "provider")
@@ -36,7 +38,7 @@ def reset_remedy(where: Path | str) -> str:
             "fresh one)")
 
 
-class KnowledgeError(RuntimeError):
+class KnowledgeError(CalmError):
     """The knowledge base cannot be used; the message is one line: where it is, what is wrong, what to do.
 
     `resettable` says whether `calm kb reset` is the remedy (it sets an unusable store aside and starts a fresh

@@ -41,6 +41,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from calm_cli.engine.session import FUSED_GRAPH
+from calm_cli.errors import CalmError
 from calm_cli.fleet.graph import names
 from calm_cli.fleet.graph.builder import MS_DOMAIN, GraphBuilder, new_model, value_info
 
@@ -50,7 +51,7 @@ OPSET = 21
 _ARCHS = ("llama", "qwen2", "gemma3_text")
 
 
-class Unsupported(ValueError):
+class Unsupported(CalmError):
     """A model this rewrite does not handle; the plain graph serves it."""
 
 

@@ -52,6 +52,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from calm_cli.errors import CalmError
 from calm_cli.fleet.gguf_blocks import GGUFFile, QuantBlocks, UnsupportedQuantType, decode_reader_tensor
 from calm_cli.fleet.graph import names
 from calm_cli.fleet.graph.builder import MS_DOMAIN, GraphBuilder, import_ms_opset, opset_version
@@ -62,7 +63,7 @@ VALUE_RTOL = 1e-6
 _FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
 
 
-class GGUFWeightMismatch(ValueError):
+class GGUFWeightMismatch(CalmError):
     """An fp32 initializer does not equal the GGUF tensor it was matched to."""
 
 

@@ -1,6 +1,6 @@
 """The trusted first step inside calm's sandbox, then the role it was started for (see docs/SANDBOX.md).
 
-Started by calm_cli.sandbox as `python -I -S sandbox_child.py CONFIG`, through util-linux `unshare` where
+Started by calm_cli.eval.sandbox as `python -I -S sandbox_child.py CONFIG`, through util-linux `unshare` where
 namespaces are available. As the namespace's root it prepares the file system (`prepare`); each process
 then confines itself (`become`: privileges, rlimits, seccomp, or audit hooks in the fallback) before
 anything untrusted runs. Roles:

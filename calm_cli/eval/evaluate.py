@@ -1,4 +1,4 @@
-"""Scoring one model's answers to the workload's items (calm_cli.tasks): multiple choice, short answers, code.
+"""Scoring one model's answers to the workload's items (calm_cli.eval.tasks): multiple choice, short answers, code.
 
 - Multiple choice: the log-likelihood of each option's text as the continuation of the rendered prompt
   (the question with its lettered options, then "Answer:"); rule "mean" (per token, the default) or "sum".
@@ -12,7 +12,7 @@
 - Code (HumanEval): the model writes the function (chat models: a ```python block, whole function or body;
   base models: the body, continuing the prompt). prompt + solution runs in a sandboxed worker that answers
   calls to the entry point; the test's check() runs in a separate sandboxed checker the solution cannot
-  reach (calm_cli.sandbox.run_check). pass@1 with greedy decoding.
+  reach (calm_cli.eval.sandbox.run_check). pass@1 with greedy decoding.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import numpy as np
 from calm_cli.engine.prompt import render, stop_strings
 from calm_cli.engine.sampling import Sampling, log_softmax
 from calm_cli.fleet.lock import ModelSpec
-from calm_cli.sandbox import run_check
-from calm_cli.tasks import LETTERS, Item
+from calm_cli.eval.sandbox import run_check
+from calm_cli.eval.tasks import LETTERS, Item
 
 if TYPE_CHECKING:
     from calm_cli.engine.complete import Completion

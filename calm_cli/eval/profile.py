@@ -14,13 +14,19 @@ from typing import Callable
 
 import numpy as np
 
-from calm_cli import evaluate, tasks
-from calm_cli.engine.embed import Encoder
+from calm_cli import settings
 from calm_cli.engine.complete import complete
 from calm_cli.engine.decoder import Decoder
+from calm_cli.engine.embed import Encoder
 from calm_cli.engine.prompt import render
+from calm_cli.eval import evaluate, tasks
+from calm_cli.fleet import lock
 from calm_cli.fleet.lock import ModelSpec
+from calm_cli.fleet.store import Store
 from calm_cli.knowledge import Knowledge
+from calm_cli.members import catalog
+from calm_cli.members.base import NotExported
+from calm_cli.policy import Policy
 
 SPEED_PROMPTS = ("Explain briefly why the sky is blue.", "Write a Python function that returns the sum of a list.",
                  "List three facts about the Moon.")
@@ -93,3 +99,22 @@ def profile_model(spec: ModelSpec, export_dir, items: list[tasks.Item], embeddin
 def embed_items(encoder: Encoder, items: list[tasks.Item]) -> np.ndarray:
     """Query embeddings, one at a time: routing embeds one query at a time, so calibration must too."""
     return np.vstack([encoder.embed([item.query]) for item in items]) if items else np.zeros((0, 0), np.float32)
+
+
+def calibrate(policy: Policy, store: Store, knowledge: Knowledge, names: list[str], limit: int,
+              task_names: list[str] | None, seed: int, log: Callable[[str], None],
+              progress: Callable[[str, int], Callable[[], None]]) -> list[ModelProfile]:
+    """`calm profile`: measure `names` (default: every member of the policy) on `limit` calibration items per
+    task and store what was learned. `progress(label, total)` gives the step to call once per item."""
+    precision = str(settings.get("precision"))
+    specs = lock.select(lock.load(), names or [m.model for m in policy.members])
+    encoder = Encoder(catalog.encoder_dir(store, policy.encoder))
+    missing = [s.name for s in specs if precision not in store.exports(s.name)]
+    if missing:
+        raise NotExported(f"no {precision} export of {', '.join(missing)}: run `calm models export "
+                          f"{' '.join(missing)}`")
+    items = calibration_items(limit, seed, task_names, tasks.fetch_data(store.root, log=log))
+    log(f"profile: {len(items)} calibration items ({', '.join(f'{k} {v}' for k, v in tasks.counts(items).items())})")
+    embeddings = embed_items(encoder, items)
+    return [profile_model(spec, store.exports(spec.name)[precision], items, embeddings, knowledge, precision,
+                          progress(f"profiling {spec.name}", len(items))) for spec in specs]

