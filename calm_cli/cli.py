@@ -99,8 +99,15 @@ def settings_cmd(as_json: bool) -> None:
 
 
 @main.group()
-def models() -> None:
+@click.pass_context
+def models(ctx: click.Context) -> None:
     """Pull, export, verify and list the pinned fleet of models.lock."""
+    if ctx.invoked_subcommand in ("pull", "export"):  # they write the cache; list and verify only read it
+        found = settings.problems(writable=("cache_dir",))
+        for line in found:
+            _echo_err(f"calm: {line}")
+        if found:
+            sys.exit(EXIT_USAGE)
 
 
 @models.command()

@@ -149,3 +149,13 @@ def test_settings_command_marks_invalid_values(calm_home: Path, monkeypatch: pyt
 def test_defaults_are_valid(calm_home: Path) -> None:
     assert settings.problems() == []
     assert settings.get("threads") == 1 and settings.get("watts_per_core") == 15.0
+
+
+def test_models_pull_and_export_refuse_an_unwritable_cache_list_still_works(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CALM_CACHE_DIR", "/proc/calm-cache")  # nobody can make a directory under /proc
+    for command in (["models", "pull", "smollm2-135m"], ["models", "export", "smollm2-135m"]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 2 and "CALM_CACHE_DIR='/proc/calm-cache' is not valid" in result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+    listed = CliRunner().invoke(main, ["models", "list", "--json"])
+    assert listed.exit_code == 0 and all(r["state"] == "missing" for r in json.loads(listed.output))
