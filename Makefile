@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 QUESTION ?= What is the capital of France?
 FLEET := smollm2-135m gemma3-270m qwen2.5-coder-0.5b qwen2.5-coder-1.5b minilm-l6
 
-.PHONY: demo test setup bench-setup clean-venv
+.PHONY: demo test test-fast setup bench-setup clean-venv
 
 $(BIN)/calm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS); status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$status
+
+# The tests that need neither the real fleet nor minutes.
+test-fast: setup
+	$(BIN)/python -m pytest -q -ra -m "not fleet and not slow" $(PYTEST_ARGS)
 
 # llama.cpp (the engine benchmark's reference) and matplotlib (the workload benchmark's plot). The AMX
 # kernels of llama-cpp-python 0.3.36's native build crashed in prompt evaluation here: build without them.

@@ -1,4 +1,4 @@
-"""calm's sandbox (calm_cli/sandbox.py, docs/SANDBOX.md): every escape users found, tried at each containment
+"""calm's sandbox (calm_cli/eval/sandbox.py, docs/SANDBOX.md): every escape users found, tried at each containment
 level this machine offers (the audit-hook fallback forced), and, where that makes the test meaningful, shown
 to work without the sandbox; the HumanEval check cannot be faked; the tagged-JSON codec; and all 164
 canonical HumanEval solutions through the harness."""
