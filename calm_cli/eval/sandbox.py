@@ -1,6 +1,6 @@
 """Running untrusted Python (model-written HumanEval solutions) contained; docs/SANDBOX.md says what and how.
 
-Every sandboxed process is `python -I -S calm_cli/sandbox_child.py CONFIG`, a trusted first step that
+Every sandboxed process is `python -I -S calm_cli/eval/sandbox_child.py CONFIG`, a trusted first step that
 confines itself before anything untrusted runs. The containment level is detected once per calm process:
 
 - "namespaces" (calm runs as root): util-linux `unshare` gives the process new network, mount, PID, IPC and
