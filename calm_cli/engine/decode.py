@@ -19,7 +19,7 @@ class Step:
     logprob: float  # log p(token) under the model (temperature 1), whatever the sampling
 
 
-def _logprob(logits: np.ndarray, token: int) -> float:
+def logprob_of(logits: np.ndarray, token: int) -> float:
     """log softmax(logits)[token], computed every step: float32 exponentials in one scratch array, summed
     pairwise (numpy's float32 sum; 3e-8 from a float64 log_softmax on a 262k vocabulary, 1.5x faster)."""
     top = logits.max()
@@ -44,7 +44,7 @@ def generate(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, sampl
         token = sampler.choose(last)
         if token in stops:
             return
-        yield Step(token, _logprob(last, token))
+        yield Step(token, logprob_of(last, token))
         step = [token]
 
 
