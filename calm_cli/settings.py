@@ -37,6 +37,7 @@ class Setting:
     default: Callable[[], str]
     description: str
     parse: Callable[[str], object] = str  # raises ValueError saying what it accepts
+    secret: bool = False  # never shown (`calm settings` says whether it is set)
 
     def raw(self) -> str:
         value = os.environ.get(self.env)
@@ -104,6 +105,12 @@ def _number(high: float, unit: str) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def _api_key(raw: str) -> str:
+    if raw and not (8 <= len(raw) <= 512 and all(33 <= ord(c) <= 126 for c in raw)):
+        raise ValueError("expected 8 to 512 printable ASCII characters without spaces, or nothing")
+    return raw
 
 
 def _choice(*choices: str) -> Callable[[str], str]:
@@ -177,6 +184,17 @@ SETTINGS: dict[str, Setting] = {
                 "where cores are shared; on idle cores 2 decoded 1.7-1.8x faster on a 2-core machine "
                 "(docs/ENGINE.md).",
                 _integer(0, 1024, " (0: onnxruntime chooses)")),
+        Setting("concurrency", "CALM_CONCURRENCY", lambda: "0",
+                "Model steps that may run at once (different members in parallel; one member's steps are "
+                "sequential). 0: as many as the cores allow with CALM_THREADS each.",
+                _integer(0, 256, " (0: the cores divided by CALM_THREADS)")),
+        Setting("batch", "CALM_BATCH", lambda: "4",
+                "Requests one member decodes together (continuous batching on the fused CPU graph); their KV "
+                "buffers count against the cache budget. 1 answers one request at a time per member.",
+                _integer(1, 64)),
+        Setting("batch_tokens", "CALM_BATCH_TOKENS", lambda: "512",
+                "Tokens (prompt + answer) one batched request may hold; a longer one is answered on its own.",
+                _integer(64, 32768)),
         Setting("spin", "CALM_SPIN", lambda: "1",
                 "1 lets onnxruntime's intra-op threads spin-wait between kernels (as llama.cpp's do): +9-28% "
                 "decode at 2 threads on idle cores; 0 where the cores are shared with other work.",
@@ -188,6 +206,12 @@ SETTINGS: dict[str, Setting] = {
                 "Estimated CPU power per busy core (W, above 0 and at most 1000); energy is CPU-seconds x this "
                 "where NVML is absent.",
                 _number(1000, "watts")),
+        Setting("api_key", "CALM_API_KEY", lambda: "",
+                "Bearer key `calm serve` requires on every route but /health (Authorization: Bearer KEY); empty: "
+                "no key. Printable ASCII, 8 to 512 characters.", _api_key, secret=True),
+        Setting("max_body", "CALM_MAX_BODY", lambda: "1048576",
+                "Largest request body `calm serve` reads, in bytes (1024 to 67108864); a bigger one gets 413.",
+                _integer(1024, 1 << 26)),
         Setting("pip", "CALM_PIP", lambda: "",
                 "Command used to download the pinned model packages (default: this Python's pip).",
                 lambda raw: _command(raw) if raw else raw),
@@ -229,3 +253,9 @@ def problems(writable: Iterable[str] = ()) -> list[str]:
     if out:
         return out
     return [SETTINGS[name].error(reason) for name in writable if (reason := _unwritable(name)) is not None]
+
+
+def concurrency() -> int:
+    """Model steps that may run at once: CALM_CONCURRENCY, or the cores divided by the threads each step uses."""
+    wanted = int(get("concurrency"))
+    return wanted or max(1, (os.cpu_count() or 1) // max(1, int(get("threads"))))

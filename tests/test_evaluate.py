@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calm_cli import settings
 from calm_cli.eval import evaluate, tasks
 from calm_cli.engine import decode
 from calm_cli.engine.meters import EnergyMeter
@@ -222,11 +221,6 @@ def test_grade_short_answers_and_generated_mc() -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # Real data and a real model (the sandbox and all 164 canonical HumanEval solutions: tests/test_sandbox.py)
-
-@pytest.fixture(scope="session")
-def pinned_data() -> dict[str, Path]:
-    return tasks.fetch_data(settings.path("cache_dir"))
-
 
 @pytest.fixture(scope="session")
 def smollm2_int4(fleet_store):

@@ -137,7 +137,7 @@ def test_serve_stdin_ends_cleanly_on_sigterm_and_sigint_with_stdin_open(busy: bo
         _wait_ready(proc)
         sent = 0
         if busy:
-            for i in range(6):  # long answers, so the signal lands while work is in hand or waiting
+            for i in range(24):  # more than it answers at once, so the signal lands with requests waiting
                 proc.stdin.write((json.dumps({"id": i, "query": f"Tell a story {i}.", "max_tokens": 400}) + "\n").encode())
                 sent += 1
             proc.stdin.flush()
@@ -176,7 +176,7 @@ def test_batch_from_open_stdin_ends_cleanly_on_sigterm(tiny_env: dict) -> None:
 def test_resume_answers_the_lines_a_signal_refused(tiny_env: dict, tmp_path: Path) -> None:
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({"id": i, "query": "Tell a long story.", "max_tokens": 300}) + "\n"
-                              for i in range(6)))
+                              for i in range(24)))  # more than it answers at once
     out_path = tmp_path / "out.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "calm_cli", "batch", str(source), "-o", str(out_path),
                              "--policy", str(POLICIES / "default.yaml")], env=tiny_env, stderr=subprocess.PIPE)
@@ -187,14 +187,14 @@ def test_resume_answers_the_lines_a_signal_refused(tiny_env: dict, tmp_path: Pat
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGINT, err.decode()
     first = records(out_path.read_text())
-    assert [r["id"] for r in first] == list(range(6))
+    assert [r["id"] for r in first] == list(range(24))
     refused = [r["id"] for r in first if r["error"] and r["error"]["code"] == "unavailable"]
     assert refused, "the signal must land before the last line"
     result = calm(tiny_env, "batch", str(source), "-o", str(out_path), "--resume", "--policy",
                   str(POLICIES / "default.yaml"))
     assert result.returncode == 0, result.stderr.decode()
     final = records(out_path.read_text())
-    assert [r["id"] for r in final] == list(range(6)) and all(r["error"] is None for r in final)
+    assert [r["id"] for r in final] == list(range(24)) and all(r["error"] is None for r in final)
 
 
 def test_serve_stdin_with_sjf_does_not_hang(tiny_env: dict) -> None:
@@ -259,11 +259,8 @@ def test_route_explain_on_a_fresh_install_says_what_is_not_calibrated(tiny_env: 
 
 
 @pytest.fixture
-def tiny_env_with_data(tiny_env: dict, tiny_home: Path, fleet_store) -> dict:
+def tiny_env_with_data(tiny_env: dict, tiny_home: Path, fleet_store, pinned_data) -> dict:
     """The tiny fleet plus the pinned evaluation data (fetched into calm's shared cache, linked here)."""
-    from calm_cli.eval import tasks
-
-    tasks.fetch_data(fleet_store.root)
     data = tiny_home / "cache" / "data"
     if not data.exists():
         data.symlink_to(fleet_store.root / "data")

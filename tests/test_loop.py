@@ -17,6 +17,7 @@ from calm_cli.loop.analyze import Analyzer
 from calm_cli.loop.calm import Calm
 from calm_cli.loop.execute.cache import MemberCache
 from calm_cli.loop.execute.run import Executor
+from calm_cli.loop.execute.scheduler import Driver
 from calm_cli.loop.plan import Planner
 from calm_cli.members.base import Ask, Member, Run
 from calm_cli.policy import MemberPolicy, Policy
@@ -75,15 +76,22 @@ def policy(escalate: bool = True, budget: float = 1000, max_loaded: int = 4) -> 
 
 @pytest.fixture
 def parts(tmp_path: Path):
+    made: list[Calm] = []
+
     def make(pol: Policy, **members: Scripted) -> Calm:
         kb = open_knowledge(tmp_path / "kb.sqlite")
         analyzer = Analyzer(members, kb, pol.goals)
-        cache = MemberCache(pol.cache, load=lambda n: members[n].load(), memory_of=lambda n, s: members[n].mb,
-                            estimate_mb=analyzer.memory_mb, load_cost_ms=analyzer.load_cost_ms)
-        return Calm(pol, embed=embed, planner=Planner(pol, list(pol.fleet), embed), analyzer=analyzer,
-                    executor=Executor(members, cache, kb, pol.name), members=members, knowledge=kb)
+        cache = MemberCache(pol.cache, memory_of=lambda n, h: members[n].mb, estimate_mb=analyzer.memory_mb,
+                            load_cost_ms=analyzer.load_cost_ms)
+        driver = Driver(members, cache, discipline="fifo", concurrency=2)
+        calm = Calm(pol, embed=embed, planner=Planner(pol, list(pol.fleet), embed), analyzer=analyzer,
+                    executor=Executor(driver, kb, pol.name), members=members, knowledge=kb)
+        made.append(calm)
+        return calm
 
-    return make
+    yield make
+    for calm in made:
+        calm.close()
 
 
 def fleet(**over: float) -> dict[str, Scripted]:
@@ -163,8 +171,8 @@ def test_a_failed_escalation_keeps_the_first_answer_and_is_recorded(parts) -> No
 
 
 def test_a_member_running_a_request_is_never_evicted(parts) -> None:
-    """Room for one member only: while coder answers, a request for talker cannot evict it, so it falls back
-    (to coder, once free) instead of pulling the session from under the running request."""
+    """Room for one member only: while coder answers, a request for talker cannot evict it: it waits, and is
+    answered by talker once coder is done, instead of pulling the session from under the running request."""
     members = fleet()
     members["coder"].gate = threading.Event()
     calm = parts(policy(escalate=False, max_loaded=1), **members)
@@ -176,12 +184,19 @@ def test_a_member_running_a_request_is_never_evicted(parts) -> None:
             break
         time.sleep(0.01)
     assert calm.cache.state()["loaded"][0]["in_use"], first
-    second = calm.answer({"id": 2, "query": "chat", "model": "talker"})
-    assert second["error"]["code"] == "model_failed" and "run(s) requests" in second["error"]["message"]
+    second: dict = {}
+    waiting = threading.Thread(target=lambda: second.update(calm.answer({"id": 2, "query": "chat", "model": "talker"})))
+    waiting.start()
+    for _ in range(1000):  # until the talker request waits in the scheduler
+        if calm.stats()["scheduler"]["waiting"]:
+            break
+        time.sleep(0.01)
+    assert calm.stats()["scheduler"]["waiting"] == 1 and [m["model"] for m in calm.cache.state()["loaded"]] == ["coder"]
     members["coder"].gate.set()
     running.join()
+    waiting.join()
     assert first["model"] == "coder" and first["error"] is None
-    assert calm.answer({"id": 3, "query": "chat", "model": "talker"})["model"] == "talker"
+    assert second["model"] == "talker" and second["error"] is None and failures(calm) == []
 
 
 def test_a_new_calibration_is_seen_without_a_restart(parts) -> None:

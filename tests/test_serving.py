@@ -102,12 +102,15 @@ def test_serve_stdin_round_trip_and_clean_eof(env: dict) -> None:
     result = _calm(env, "serve-stdin", input=payload.encode(), timeout=600)
     assert result.returncode == 0, result.stderr.decode()
     records = [json.loads(line) for line in result.stdout.decode().splitlines()]
-    assert [r["id"] for r in records] == [1, 2, 3]
+    # Stats are answered at once; questions as they finish (several run at once), each exactly once.
+    assert sorted(r["id"] for r in records) == [1, 2, 3]
+    records = [next(r for r in records if r["id"] == i) for i in (1, 2, 3)]
     assert records[0]["answer"].strip() and records[0]["model"] == "smollm2-135m"
-    assert records[1]["cache"]["loaded"][0]["model"] == "smollm2-135m"
-    assert records[1]["queue"]["discipline"] == "fifo" and records[1]["queue"]["waiting"] == 1  # request 3
-    assert records[0]["metrics"]["cache_hit"] is True  # prefetched at start: the policy allows it and it fits
-    assert records[2]["metrics"]["cache_hit"] is True  # the session stayed warm between requests
+    cache = records[1]["cache"]  # prefetched at start: the policy allows it and it fits
+    assert [m["model"] for m in cache["loaded"]] + cache["loading"] == ["smollm2-135m"]
+    assert cache["misses"] == 0 and records[1]["scheduler"]["waiting"] == 0
+    # Both questions came while the prefetch loaded: they waited for that load (not a hit), and no second one.
+    assert result.stderr.decode().count("cache: load smollm2-135m") == 1
 
 
 def test_serve_stdin_sigterm_loses_no_line(env: dict) -> None:
@@ -118,8 +121,9 @@ def test_serve_stdin_sigterm_loses_no_line(env: dict) -> None:
     proc.stdin.flush()
     first = proc.stdout.readline()  # the first answer is out: the loop is running
     proc.send_signal(signal.SIGTERM)
-    rest, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0
+    rest = proc.stdout.read()  # through the buffer readline filled: answers of one batch come out together
+    assert proc.wait(timeout=300) == 0
+    proc.stdin.close()
     records = [json.loads(first)] + [json.loads(line) for line in rest.decode().splitlines()]
-    assert [r["id"] for r in records] == list(range(5))
+    assert sorted(r["id"] for r in records) == list(range(5))  # in the order answers finish
     assert all(r["error"] is None or r["error"]["code"] == "unavailable" for r in records)

@@ -242,11 +242,6 @@ def test_split_is_disjoint_deterministic_and_independent_of_what_else_was_loaded
 # ---------------------------------------------------------------------------------------------------------
 # The real pinned data
 
-@pytest.fixture(scope="session")
-def pinned_data() -> dict[str, Path]:
-    return tasks.fetch_data(settings.path("cache_dir"))
-
-
 @pytest.mark.fleet
 def test_default_workload(pinned_data: dict[str, Path]) -> None:
     items = tasks.load_items(None, 30, seed=0, data=pinned_data)

@@ -32,6 +32,7 @@ from calm_cli.loop.analyze import WINDOW
 from calm_cli.loop.assemble import assemble
 from calm_cli.loop.calm import Calm
 from calm_cli.loop.execute.queue import RequestQueue
+from calm_cli.loop.execute.scheduler import WorkJob
 from calm_cli.members.base import Member, NotExported, Run
 from calm_cli.policy import Policy
 
@@ -140,7 +141,7 @@ def serve_item(calm: Calm, item: tasks.Item, rule: str, i: int, forced: str | No
     """One benchmark item through the loop; a request whose every member failed is scored 0 and the run goes on."""
     started = time.perf_counter()
     try:
-        served = calm.serve(item.query, item_work(item, rule), request_id=f"bench-{i}", domain=item.domain,
+        served = calm.serve(item.query, WorkJob(item_work(item, rule)), request_id=f"bench-{i}", domain=item.domain,
                             forced=forced, queue_ms=queue_ms)
     except ModelsFailed as exc:
         calm.log(f"bench: request {i} failed: {exc}")
@@ -155,13 +156,17 @@ def serve_item(calm: Calm, item: tasks.Item, rule: str, i: int, forced: str | No
 def run_calm(calm: Calm, items: list[tasks.Item], rule: str, step: Callable[[int], None],
              forced: Callable[[int], str | None] = lambda i: None,
              before: Callable[[int], None] = lambda i: None) -> SystemResult:
-    """Items through the MAPE-K loop (or forced members, for random routing); `before(i)` injects events."""
+    """Items through the MAPE-K loop (or forced members, for random routing); `before(i)` injects events. The
+    loop is closed after (its members unloaded)."""
     results, peak = [], 0.0
-    for i, item in enumerate(items):
-        before(i)
-        results.append(serve_item(calm, item, rule, i, forced=forced(i)))
-        peak = max(peak, calm.cache.state()["used_mb"])
-        step(i)
+    try:
+        for i, item in enumerate(items):
+            before(i)
+            results.append(serve_item(calm, item, rule, i, forced=forced(i)))
+            peak = max(peak, calm.cache.state()["used_mb"])
+            step(i)
+    finally:
+        calm.close()
     return SystemResult(f"calm ({calm.policy.name})", results, peak)
 
 
@@ -255,6 +260,7 @@ def run_arrivals(calm: Calm, items: list[tasks.Item], rule: str, rate: float, se
         peak = max(peak, calm.cache.state()["used_mb"])
         served_n += 1
         step(served_n)
+    calm.close()
     name = f"calm ({calm.policy.name}, {calm.policy.queue['discipline']}, {rate}/s)"
     return SystemResult(name, [r for r in results if r is not None], peak)
 

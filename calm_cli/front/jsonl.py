@@ -8,8 +8,9 @@ Input is read from the raw file descriptor, never through Python's buffered stdi
 ("Fatal Python error: _enter_buffered_busy") when a signal ends it with stdin still open. Reads wait in
 select() with a short timeout, so a stop request ends them within POLL_S.
 
-All planning and answering (and so every knowledge-base call) happens on the calling thread; a reader thread
-only splits and parses lines.
+A reader thread only splits and parses lines; requests are answered on a small pool of threads (in_flight), each
+handing its phases to the one scheduler, which runs different members in parallel and batches the questions for
+one member.
 """
 
 from __future__ import annotations
@@ -21,16 +22,15 @@ import select
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterator
 
-from calm_cli import schema
+from calm_cli import schema, settings
 from calm_cli.bounded import MAX_LINE_BYTES
-from calm_cli.errors import QueueFull
 from calm_cli.loop import monitor
 from calm_cli.loop.calm import Calm
-from calm_cli.loop.execute.queue import RequestQueue
 
 POLL_S = 0.1  # how soon a blocked read notices a stop request
 READ_CHUNK = 1 << 16
@@ -127,30 +127,24 @@ def stamped(calm: Calm, record: dict) -> dict:
     return record
 
 
-def handle(calm: Calm, job: Job, waiting: int = 0) -> dict:
+def handle(calm: Calm, job: Job, timeout_s: float | None = None) -> dict:
     """The record for one job; nothing raised escapes (an internal failure is an error record)."""
     if job.record is not None:
         return job.record
     request = job.request
     if request.get("type") == "stats":
-        return {"id": request["id"], "type": "stats", **calm.stats(),
-                "queue": {"discipline": calm.policy.queue["discipline"], "waiting": waiting}}
+        return {"id": request["id"], "type": "stats", **calm.stats()}
     queue_ms = (time.perf_counter() - job.arrived) * 1000
     try:
-        return calm.answer(request, queue_ms=queue_ms)
+        return calm.answer(request, queue_ms=queue_ms, timeout_s=timeout_s)
     except Exception as exc:  # the run goes on; the record says what happened
         return monitor.error_record(request["id"], "internal", f"{type(exc).__name__}: {exc}")
 
 
-def predicted_ms(calm: Calm, job: Job) -> float:
-    """Shortest-predicted-job-first needs a guess before the run: the planned member's predicted latency."""
-    if job.request is None or job.request.get("type") == "stats":
-        return 0.0
-    if job.request.get("model"):
-        return 0.0  # forced: nothing to plan
-    decision = calm.plan(calm.embed([job.request["query"]])[0])
-    chosen = next(c for c in decision.candidates if c.model == decision.model)
-    return (chosen.latency_ms or 0.0) + chosen.load_ms  # nothing measured yet: its load is all we know
+def in_flight(calm: Calm) -> int:
+    """Requests answered at once: enough to keep every member step the machine allows full of batched work,
+    and one more so the scheduler always has the next one at hand."""
+    return settings.concurrency() * int(settings.get("batch")) + 1
 
 
 def refusal(job: Job) -> dict:
@@ -209,22 +203,25 @@ class BatchResult:
 
 def run_batch(calm: Calm, source_fd: int, out_path: str | None, out: IO[str], resume: bool,
               progress: Callable[[int, int], None]) -> BatchResult:
-    """Answer every line of `source_fd` into `out` in input order. With `resume`, lines already answered in the
-    output file are skipped, so a killed or interrupted run continues without duplicates or gaps. SIGINT or
-    SIGTERM: the line in hand is finished and every other line read gets an 'unavailable' record."""
+    """Answer every line of `source_fd` into `out` in input order, several at once (the scheduler runs members
+    in parallel and batches questions for one member). With `resume`, lines already answered in the output
+    file are skipped, so a killed or interrupted run continues without duplicates or gaps. SIGINT or SIGTERM:
+    what is being answered is finished and every other line read gets an 'unavailable' record. A batch is
+    offline work: queue.max_waiting and timeout_s do not apply."""
     stop = threading.Event()
     with stop_on_signals(stop) as got:
         intake = Intake()
         jobs = [intake.job(line, i) for i, line in enumerate(LineReader(source_fd, stop))]
         done = resume_point(out_path) if resume and out_path else 0
-        # A batch is offline work: every line waits its turn, so queue.max_waiting and timeout_s do not apply.
-        waiting: RequestQueue[Job] = RequestQueue(calm.policy.queue["discipline"], max(len(jobs), 1))
-        for job in jobs[done:]:
-            if stop.is_set():
-                break
-            waiting.put(job, predicted_ms(calm, job) if waiting.discipline == "sjf" else 0.0)
         finished: dict[int, dict] = {}
+        landed = threading.Condition()
         next_index, ok, failed = done, 0, 0
+
+        def answer(job: Job) -> None:
+            record = handle(calm, job)
+            with landed:
+                finished[job.index] = record
+                landed.notify()
 
         def write(record: dict) -> None:
             nonlocal next_index, ok, failed
@@ -237,47 +234,65 @@ def run_batch(calm: Calm, source_fd: int, out_path: str | None, out: IO[str], re
             next_index += 1
             progress(next_index, len(jobs))
 
-        while len(waiting) and not stop.is_set():
-            job = waiting.get()
-            finished[job.index] = handle(calm, job, len(waiting))
-            while next_index in finished:  # write in input order as soon as the prefix is complete
-                write(finished.pop(next_index))
+        pool = ThreadPoolExecutor(max_workers=in_flight(calm), thread_name_prefix="calm-batch")
+        for job in jobs[done:]:
+            if job.record is None:
+                if not stop.is_set():  # a signal while reading: every line read is refused below
+                    pool.submit(answer, job)
+            else:
+                finished[job.index] = job.record
+        while next_index < len(jobs) and not stop.is_set():
+            with landed:  # write in input order as soon as the prefix is complete
+                if next_index not in finished:
+                    landed.wait(POLL_S)
+                    continue
+                record = finished.pop(next_index)
+            write(record)
+        if stop.is_set():
+            pool.shutdown(wait=False, cancel_futures=True)  # lines not started are refused below
+            calm.close(drain=False)  # lines waiting for a member end as unavailable; running ones finish
+        pool.shutdown(wait=True)
         refused = 0
         for job in jobs[next_index:]:
             record = finished.pop(job.index, None)
-            refused += record is None
+            refused += record is None or (record.get("error") or {}).get("message") == SHUTDOWN
             write(record or refusal(job))
     return BatchResult(ok, failed, got.get("signal"), refused)
 
 
 def serve(calm: Calm, source_fd: int, out: IO[str], log: Callable[[str], None] = lambda message: None) -> int:
-    """Answer request lines as they come until EOF, SIGINT or SIGTERM; returns the records written.
+    """Answer request lines as they come, several at once, until EOF, SIGINT or SIGTERM; returns the records
+    written (in the order answers finish).
 
-    EOF: everything read is answered, then the loop ends. A signal: the request in hand is finished, and every
-    line read but not answered gets an 'unavailable' record, so no line is lost or half-written. A request
-    that waited longer than the policy's queue.timeout_s gets a 'timeout' record instead of a late answer.
+    EOF: everything read is answered, then it returns. A signal: what is being answered is finished, and every
+    line read but not answered gets an 'unavailable' record, so no line is lost or half-written. More than the
+    policy's queue.max_waiting requests at once get 'queue_full'; one that waited longer than queue.timeout_s
+    for a member gets a 'timeout' record instead of a late answer.
     """
     stop = threading.Event()
     intake: queue.Queue[Job | None] = queue.Queue()
-    waiting: RequestQueue[Job] = RequestQueue(calm.policy.queue["discipline"], calm.policy.queue.get("max_waiting", 512))
+    max_waiting = calm.policy.queue.get("max_waiting", 512)
     timeout_s = calm.policy.queue.get("timeout_s")
     written = 0
     closed = False
+    lock = threading.Lock()
+    outstanding = threading.Semaphore(max_waiting)
 
     def emit(record: dict) -> None:
         nonlocal written, closed
-        if closed:
-            return
-        try:
-            out.write(json.dumps(stamped(calm, record), ensure_ascii=False) + "\n")
-            out.flush()
-            written += 1
-        except BrokenPipeError:  # the reader of our output went away: nobody is left to answer
-            closed = True
-            # Python's advice: point the dead descriptor at devnull, so the flush at exit cannot fail again.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
-            stop.set()
-            log("calm: output closed by the reader; stopping")
+        with lock:
+            if closed:
+                return
+            try:
+                out.write(json.dumps(stamped(calm, record), ensure_ascii=False) + "\n")
+                out.flush()
+                written += 1
+            except BrokenPipeError:  # the reader of our output went away: nobody is left to answer
+                closed = True
+                # Python's advice: point the dead descriptor at devnull, so the flush at exit cannot fail again.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+                stop.set()
+                log("calm: output closed by the reader; stopping")
 
     def reader() -> None:
         parse = Intake()
@@ -289,43 +304,40 @@ def serve(calm: Calm, source_fd: int, out: IO[str], log: Callable[[str], None] =
         finally:
             intake.put(None)
 
-    def admit(job: Job) -> None:
-        if job.record is not None or stop.is_set():
-            emit(refusal(job))
-            return
+    def answer(job: Job) -> None:
         try:
-            waiting.put(job, predicted_ms(calm, job) if waiting.discipline == "sjf" else 0.0)
-        except QueueFull as exc:
-            emit(monitor.error_record(job.request["id"], "queue_full", str(exc)))
+            emit(refusal(job) if stop.is_set() else handle(calm, job, timeout_s))
+        finally:
+            outstanding.release()
 
     with stop_on_signals(stop):
         calm.prefetch()  # a long-lived process: warm what fits before the first request arrives
         log(f"calm: serving policy {calm.policy.name}; one JSON request per line")
         thread = threading.Thread(target=reader, name="calm-stdin", daemon=True)
         thread.start()
-        reading = True
-        while reading or len(waiting):
+        pool = ThreadPoolExecutor(max_workers=in_flight(calm), thread_name_prefix="calm-serve")
+        stopped = False
+        while True:
             try:
-                while True:  # admit everything parsed so far; wait for more only when idle
-                    job = intake.get(timeout=POLL_S) if reading and not len(waiting) else intake.get_nowait()
-                    if job is None:
-                        reading = False
-                        break
-                    admit(job)
+                job = intake.get(timeout=POLL_S)
             except queue.Empty:
-                pass
-            if stop.is_set():
-                while len(waiting):
-                    emit(refusal(waiting.get()))
+                job = False  # nothing new: look at the stop flag
+            if stop.is_set() and not stopped:
+                stopped = True
+                calm.close(drain=False)  # requests waiting for a member end as unavailable; running ones finish
+            if job is None:
+                break
+            if job is False:
                 continue
-            if len(waiting):
-                job = waiting.get()
-                waited_s = time.perf_counter() - job.arrived
-                if timeout_s is not None and waited_s > timeout_s and job.request.get("type") != "stats":
-                    emit(monitor.error_record(job.request["id"], "timeout",
-                                              f"waited {waited_s:.1f} s in the queue, over queue.timeout_s "
-                                              f"{timeout_s:g} s"))
-                else:
-                    emit(handle(calm, job, len(waiting)))
+            if job.record is not None or stopped:
+                emit(refusal(job))
+            elif job.request.get("type") == "stats":
+                emit(handle(calm, job))
+            elif not outstanding.acquire(blocking=False):
+                emit(monitor.error_record(job.request["id"], "queue_full",
+                                          f"{max_waiting} requests are already in hand (queue.max_waiting)"))
+            else:
+                pool.submit(answer, job)
+        pool.shutdown(wait=True)
         thread.join()
     return written

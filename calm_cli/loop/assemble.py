@@ -13,6 +13,7 @@ from calm_cli.loop.analyze import WINDOW, Analyzer
 from calm_cli.loop.calm import Calm
 from calm_cli.loop.execute.cache import CacheEvent, MemberCache
 from calm_cli.loop.execute.run import Executor
+from calm_cli.loop.execute.scheduler import Driver, Handle
 from calm_cli.loop.plan import Planner
 from calm_cli.members import catalog
 from calm_cli.members.base import Member
@@ -31,9 +32,13 @@ def assemble(policy: Policy, store: Store, knowledge: Knowledge, log: Callable[[
     def cache_event(event: CacheEvent) -> None:
         log(f"cache: {event.kind} {event.model} ({event.memory_mb:.0f} MB): {event.reason}")
 
-    cache = MemberCache(policy.cache, load=lambda name: members[name].load(),
-                        memory_of=lambda name, session: members[name].memory_of(session),
-                        estimate_mb=analyzer.memory_mb, load_cost_ms=analyzer.load_cost_ms, log=cache_event)
+    def memory_of(name: str, handle: Handle) -> float:  # the member's session and its batch's KV buffers
+        kv = handle.batch.slots.kv_bytes / 2**20 if handle.batch is not None else 0.0
+        return members[name].memory_of(handle.session) + kv
+
+    cache = MemberCache(policy.cache, memory_of=memory_of, estimate_mb=analyzer.memory_mb,
+                        load_cost_ms=analyzer.load_cost_ms, log=cache_event)
+    driver = Driver(members, cache, discipline=policy.queue["discipline"], concurrency=settings.concurrency())
     return Calm(policy, embed=encoder.embed, planner=Planner(policy, list(policy.fleet), encoder.embed),
-                analyzer=analyzer, executor=Executor(members, cache, knowledge, policy.name, log), members=members,
+                analyzer=analyzer, executor=Executor(driver, knowledge, policy.name, log), members=members,
                 knowledge=knowledge, log=log)

@@ -22,26 +22,30 @@ from calm_cli.loop.execute.run import Executor
 from calm_cli.loop.monitor import Served
 from calm_cli.loop.plan import Decision, Planner
 from calm_cli.engine.sampling import Sampling
-from calm_cli.members.base import Ask, Member, Run, Work
+from calm_cli.loop.execute.scheduler import AskJob, Cancel, WorkJob
+from calm_cli.members.base import Ask, Member
 from calm_cli.policy import Policy
 
 Embed = Callable[[list[str]], np.ndarray]
 
 
-def chat_work(request: dict, on_text: Callable[[str], None] | None) -> Work:
-    """The work of a chat request: the member answers in its own prompt format, with its own max_tokens and
-    temperature where the request sets none, streaming to `on_text` only when the loop says the run is final."""
+def chat_job(request: dict, on_text: Callable[[str], None] | None,
+             on_final: Callable[[str], None] | None = None) -> AskJob:
+    """A chat request's job: each member answers in its own prompt format, with its own max_tokens and
+    temperature where the request sets none, streaming to `on_text` only when the loop says the run is final
+    (`on_final` hears that member's name first, so a front can name it before the first piece)."""
 
-    def work(member: Member, session: object, stream: bool) -> Run:
+    def ask_for(member: Member, stream: bool) -> Ask:
         config = member.config
         sampling = Sampling(temperature=float(request.get("temperature", config.temperature)),
                             top_k=int(request.get("top_k", 0)), top_p=float(request.get("top_p", 1.0)),
                             seed=request.get("seed"))
-        ask = Ask(request["query"], int(request.get("max_tokens", config.max_tokens)), sampling,
-                  on_text if stream else None)
-        return member.generate(session, ask)
+        if stream and on_final is not None:
+            on_final(member.name)
+        return Ask(request["query"], int(request.get("max_tokens", config.max_tokens)), sampling,
+                   on_text if stream else None, tuple(request.get("stop", ())))
 
-    return work
+    return AskJob(ask_for)
 
 
 class Calm:
@@ -52,18 +56,21 @@ class Calm:
                  log: Callable[[str], None] = lambda message: None):
         self.policy, self.embed, self.planner, self.analyzer = policy, embed, planner, analyzer
         self.executor, self.members, self.kb, self.log = executor, members, knowledge, log
-        self.cache = executor.cache
+        self.driver = executor.driver
+        self.cache = self.driver.scheduler.cache
 
     def plan(self, query_vec: np.ndarray) -> Decision:
         """Analyze every member the policy may run, then Plan over the predictions."""
         predictions = {name: self.analyzer.predict(name, self.cache.loaded(name)) for name in self.members}
         return self.planner.route(query_vec, predictions, self.analyzer.calibration())
 
-    def serve(self, query: str, work: Work, *, request_id: Any, domain: str | None = None,
-              forced: str | None = None, queue_ms: float = 0.0, stream: bool = False) -> Served:
+    def serve(self, query: str, job: AskJob | WorkJob, *, request_id: Any, domain: str | None = None,
+              forced: str | None = None, queue_ms: float = 0.0, stream: bool = False,
+              timeout_s: float | None = None, cancel: Cancel | None = None) -> Served:
         """Plan, execute with fallback, escalate, and record what happened.
 
-        `work` does the member's job on a loaded session (answer a question, or grade a benchmark item). With
+        `job` is the member's work: a question (batched where the member batches) or any work on its session
+        (grading a benchmark item). With
         `stream`, only a run whose result is final may stream: while the first answer may still be escalated it
         does not stream, and the caller passes it on whole if it stands.
         """
@@ -78,47 +85,55 @@ class Calm:
         order = [forced] if forced else [decision.model] + [c.model for c in others]
         larger = self.policy.escalation_member
         may_escalate = larger is not None and not forced
+        chosen = next((c for c in decision.candidates if c.model == order[0]), None)
         first = self.executor.first(
-            order, work, lambda name: stream and not (may_escalate and name != larger.model),
-            request_id=request_id, domain=domain, started=started)
+            order, job, lambda name: stream and not (may_escalate and name != larger.model),
+            request_id=request_id, domain=domain, started=started,
+            predicted_ms=((chosen.latency_ms or 0.0) + chosen.load_ms) if chosen else 0.0,
+            waited_s=queue_ms / 1000 + (time.perf_counter() - started), timeout_s=timeout_s, cancel=cancel)
         runs, reason = [first.run], decision.reason
-        if may_escalate and first.run.model != larger.model:
+        if may_escalate and first.run.model != larger.model and not (cancel and cancel.cancelled):
             escalation = self.planner.escalation(query_vec, first.run.model, first.run.confidence,
                                                  self.analyzer.calibration())
             if escalation.escalate:
-                second = self.executor.escalate(first.run, larger.model, work, stream, request_id=request_id,
-                                                domain=domain, started=started)
+                second = self.executor.escalate(first.run, larger.model, job, stream, request_id=request_id,
+                                                domain=domain, started=started, cancel=cancel)
                 if isinstance(second, str):
                     reason += f"; {escalation.reason}; {second}"
                 else:
                     runs.append(second)
                     reason += f"; escalated to {larger.model}: {escalation.reason}"
-        self.executor.record(runs, request_id=request_id, domain=domain, queue_ms=queue_ms)
+        self.executor.record(runs, request_id=request_id, domain=domain, queue_ms=queue_ms + first.queued_ms)
         streamed = stream and (len(runs) > 1 or not may_escalate or first.run.model == larger.model)
         return Served(decision, runs, reason, first.fallback_from, routing_ms,
-                      (time.perf_counter() - started) * 1000, streamed)
+                      (time.perf_counter() - started) * 1000, streamed, first.queued_ms)
 
-    def answer(self, request: dict, queue_ms: float = 0.0, on_text: Callable[[str], None] | None = None) -> dict:
+    def answer(self, request: dict, queue_ms: float = 0.0, on_text: Callable[[str], None] | None = None,
+               timeout_s: float | None = None, cancel: Cancel | None = None,
+               on_final: Callable[[str], None] | None = None) -> dict:
         """One validated request (a dict per schemas/request.schema.json) -> its record. Never raises for the
         request's sake: what went wrong is the record's error. In the knowledge base's degraded mode the record
         says so in its "knowledge" field.
 
         `on_text` receives the final answer as it is generated (held back whole while it may be escalated).
+        `cancel` gives the request up (a client went away); `on_final` hears the member whose answer streams,
+        before its first piece.
         """
-        record = self._answer(request, queue_ms, on_text)
+        record = self._answer(request, queue_ms, on_text, timeout_s, cancel, on_final)
         if self.kb.degraded is not None:
             record["knowledge"] = f"degraded: {self.kb.degraded}"
         return record
 
-    def _answer(self, request: dict, queue_ms: float, on_text: Callable[[str], None] | None) -> dict:
+    def _answer(self, request: dict, queue_ms: float, on_text: Callable[[str], None] | None,
+                timeout_s: float | None, cancel: Cancel | None, on_final: Callable[[str], None] | None) -> dict:
         request_id, forced = request.get("id"), request.get("model")
         try:
             if forced is not None and forced not in self.members:
                 raise BadRequest(f"model {forced!r} is not a member of policy {self.policy.name} "
                                  f"({', '.join(self.members)})")
-            served = self.serve(request["query"], chat_work(request, on_text), request_id=request_id,
+            served = self.serve(request["query"], chat_job(request, on_text, on_final), request_id=request_id,
                                 domain=request.get("domain"), forced=forced, queue_ms=queue_ms,
-                                stream=on_text is not None)
+                                stream=on_text is not None, timeout_s=timeout_s, cancel=cancel)
         except CalmError as exc:
             return monitor.error_record(request_id, exc.code, str(exc))
         if on_text and not served.streamed:
@@ -126,17 +141,16 @@ class Calm:
         return monitor.record(request_id, self.policy.name, served, queue_ms, self.cache.state()["used_mb"],
                               self.members[served.runs[-1].model].precision)
 
-    def prefetch(self) -> list[str]:
-        """Warm the fleet in policy order where the policy allows it and each fits without evicting."""
-        loaded = []
+    def prefetch(self) -> None:
+        """Warm the fleet in policy order where the policy allows it and each fits without evicting (the loads
+        run in the background; a request for a member being loaded waits for that load)."""
         for member in self.policy.fleet:
-            try:
-                if self.cache.prefetch(member.model):
-                    loaded.append(member.model)
-            except CalmError as exc:
-                self.log(f"prefetch skipped {member.model}: {exc}")
-        return loaded
+            self.driver.prefetch(member.model)
 
     def stats(self) -> dict:
-        return {"policy": self.policy.name, "cache": self.cache.state(),
+        return {"policy": self.policy.name, "cache": self.cache.state(), "scheduler": self.driver.state(),
                 "precision": next((m.precision for m in self.members.values() if m.precision), None)}
+
+    def close(self, drain: bool = True) -> None:
+        """Stop the scheduler: with `drain`, after what it took is done; else what waits ends as unavailable."""
+        self.driver.shutdown(drain)

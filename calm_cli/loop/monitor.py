@@ -24,6 +24,7 @@ class Served:
     routing_ms: float
     total_ms: float
     streamed: bool
+    queued_ms: float = 0.0  # of total_ms, waiting inside the scheduler for a member (and its load)
 
 
 def error_record(request_id: Any, code: str, message: str) -> dict:
@@ -36,12 +37,14 @@ def error_record(request_id: Any, code: str, message: str) -> dict:
 def record(request_id: Any, policy: str, served: Served, queue_ms: float, cache_used_mb: float,
            precision: str | None) -> dict:
     """The record of an answered request: the final run's answer, the routing that led there, the costs of
-    every run it took (latency from arrival to the last token, energy of all runs)."""
+    every run it took (latency from arrival to the last token, energy of all runs). `queue_ms` is what it
+    waited before the loop took it; the record's queue_ms adds its wait inside the scheduler."""
     final = served.runs[-1]
     metrics = {
         "latency_ms": round(served.total_ms + queue_ms, 2),
         "ttft_ms": round(served.total_ms - final.latency_ms + final.ttft_ms, 2),
-        "queue_ms": round(queue_ms, 2), "load_ms": round(sum(r.load_ms for r in served.runs), 2),
+        "queue_ms": round(queue_ms + served.queued_ms, 2),
+        "load_ms": round(sum(r.load_ms for r in served.runs), 2),
         "routing_ms": round(served.routing_ms, 2), "tokens_in": final.tokens_in, "tokens_out": final.tokens_out,
         "tokens_per_s": round(final.tokens_per_s, 2),
         "energy_j": round(sum(r.energy_j for r in served.runs), 4),

@@ -13,6 +13,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from calm_cli.engine.batch import DecodeBatch, Generation
+from calm_cli.engine.complete import Completion
 from calm_cli.engine.sampling import Sampling
 from calm_cli.errors import MemberFailure
 from calm_cli.policy import MemberPolicy
@@ -60,6 +62,7 @@ class Ask:
     max_tokens: int
     sampling: Sampling = field(default_factory=Sampling)
     on_text: Callable[[str], None] | None = None
+    stop: tuple[str, ...] = ()  # the request's own stop strings, besides the member's
 
 
 # The work a request does on a loaded member: (member, session, stream) -> Run. A chat request asks the member
@@ -97,3 +100,15 @@ class Member(ABC):
     def run(self, session: object, work: Work, stream: bool) -> Run:
         """Run `work` on the session; wrappers (a benchmark's slowdown) override this."""
         return work(self, session, stream)
+
+    def batch(self, session: object) -> DecodeBatch | None:
+        """Where this member decodes several questions together (continuous batching), if it can."""
+        return None
+
+    def prepare(self, session: object, ask: Ask) -> Generation:
+        """A question as a generation its batch can take (only for members whose `batch` is not None)."""
+        raise NotImplementedError(f"{self.name} does not batch")
+
+    def run_of(self, session: object, completion: Completion) -> Run:
+        """The run of a generation its batch finished."""
+        raise NotImplementedError(f"{self.name} does not batch")

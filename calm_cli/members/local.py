@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from calm_cli.engine.complete import complete
+from calm_cli import settings
+from calm_cli.engine.batch import DecodeBatch, Generation
+from calm_cli.engine.complete import Completion, complete
 from calm_cli.engine.decoder import Decoder
 from calm_cli.engine.prompt import render, stop_strings
+from calm_cli.engine.sampling import Sampler
 from calm_cli.engine.session import ORT_ERRORS, ProviderError
+from calm_cli.engine.textstream import TextStream
 from calm_cli.errors import CalmError
 from calm_cli.fleet.lock import ModelSpec
 from calm_cli.members.base import Ask, Member, ModelLoadError, NotExported, Run, RunFailed, Work
@@ -53,7 +57,24 @@ class LocalMember(Member):
     def generate(self, session: object, ask: Ask) -> Run:
         assert isinstance(session, Decoder)
         done = complete(session, render(self.spec.prompt, ask.query), ask.max_tokens, ask.sampling,
-                        stop_strings(self.spec.prompt), on_text=ask.on_text)
+                        [*stop_strings(self.spec.prompt), *ask.stop], on_text=ask.on_text)
+        return self.run_of(session, done)
+
+    def batch(self, session: object) -> DecodeBatch | None:
+        """Continuous batching on the fused CPU graph (the plain graph, CUDA's, answers one at a time)."""
+        assert isinstance(session, Decoder)
+        rows = int(settings.get("batch"))
+        return DecodeBatch(session, rows, int(settings.get("batch_tokens"))) if session.fused and rows > 1 else None
+
+    def prepare(self, session: object, ask: Ask) -> Generation:
+        assert isinstance(session, Decoder)
+        ids = session.fit(session.encode(render(self.spec.prompt, ask.query)), ask.max_tokens, truncate=False)
+        return Generation(ids, ask.max_tokens, Sampler(ask.sampling),
+                          TextStream(session.tokenizer, [*stop_strings(self.spec.prompt), *ask.stop]),
+                          on_text=ask.on_text)
+
+    def run_of(self, session: object, completion: Completion) -> Run:
+        done = completion
         return Run(self.name, done.text, done.latency_ms, done.ttft_ms, done.tokens_in, done.tokens_out,
                    done.tokens_per_s, done.energy_j, done.energy_estimated, done.confidence, done.provider,
                    done.stop_reason, payload=done)

@@ -1,20 +1,18 @@
 """Execute's member cache: which members stay loaded, within the policy's memory budget and model count.
 
-The choice of what to evict is the pure `eviction.plan_evictions`; this module is the machinery around it: it
-hands out leases on loaded members (a member under a lease runs a request and is never evicted), loads a
-member outside its lock (other requests go on meanwhile; a second request for the same member waits for that
-load instead of starting its own), measures what a load really took, and logs one line per committed load or
-eviction. Memory a load is expected to take is reserved before the load starts, so loaded plus loading stays
-within the budget at every instant.
+The choice of what to evict is the pure `eviction.plan_evictions`; this module is the bookkeeping around it:
+leases on loaded members (a member under a lease runs a request and is never evicted), loads in flight with the
+memory they are expected to take reserved before they start (so loaded plus loading stays within the budget at
+every instant), what each load measured, the counters, and one log line per committed load or eviction. Its
+transitions never block or load anything: the scheduler (scheduler.py) calls them from its loop and loads on
+its workers.
 """
 
 from __future__ import annotations
 
 import gc
 import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -88,8 +86,7 @@ class MemberCache:
     or is dropped again with CacheError when that is impossible. Measured memory replaces the estimate for
     later plans. Thread-safe."""
 
-    def __init__(self, cache: Mapping[str, Any], *, load: Callable[[str], object],
-                 memory_of: Callable[[str, object], float], estimate_mb: Callable[[str], float],
+    def __init__(self, cache: Mapping[str, Any], *, memory_of: Callable[[str, object], float], estimate_mb: Callable[[str], float],
                  load_cost_ms: Callable[[str], float], log: Callable[[CacheEvent], None] = lambda event: None):
         check_policy(cache["eviction"])
         self.budget_mb = float(cache["budget_mb"])
@@ -98,93 +95,105 @@ class MemberCache:
         self.pinned: set[str] = set(cache.get("pinned", ()))
         self.prefetch_enabled = bool(cache.get("prefetch", False))  # opt-in: it spends memory on a guess
         self.demand = DecayedDemand()
-        self._load, self._memory_of, self._estimate_mb = load, memory_of, estimate_mb
+        self._memory_of, self._estimate_mb = memory_of, estimate_mb
         self._load_cost_ms, self._log = load_cost_ms, log
         self._loaded: dict[str, _Entry] = {}
         self._loading: dict[str, float] = {}  # name -> MB reserved while its load runs
+        self._why: dict[str, Literal["miss", "prefetch"]] = {}  # name -> why it is loading
         self._measured: dict[str, float] = {}
         self._tick = 0
-        self._cond = threading.Condition(threading.RLock())
+        self._lock = threading.RLock()
         self.hits = self.misses = self.loads = self.evictions = 0
 
-    @contextmanager
-    def lease(self, name: str) -> Iterator[Lease]:
-        """The member's session for the length of the block, loading it first on a miss (after evicting idle
-        members per the policy); it cannot be evicted before the block ends."""
-        lease = self._take(name)
-        try:
-            yield lease
-        finally:
-            with self._cond:
-                self._loaded[name].leases -= 1
-                self._cond.notify_all()
-
-    def _take(self, name: str) -> Lease:
-        with self._cond:
-            self._tick += 1
+    def want(self, name: str) -> None:
+        """A request wants `name`: counted in the demand that cost-aware eviction weighs."""
+        with self._lock:
             self.demand.observe(name)
-            while name in self._loading:  # another request loads it: share that load
-                self._cond.wait()
+
+    def hold(self, name: str) -> Lease | None:
+        """A lease on `name` if it is loaded (a hit; it cannot be evicted until released), else None."""
+        with self._lock:
             entry = self._loaded.get(name)
-            if entry is not None:
-                entry.last_used, entry.leases = self._tick, entry.leases + 1
-                self.hits += 1
-                return Lease(entry.session, True, 0.0, [])
-            self.misses += 1
+            if entry is None:
+                return None
+            self._tick += 1
+            entry.last_used, entry.leases = self._tick, entry.leases + 1
+            self.hits += 1
+            return Lease(entry.session, True, 0.0, [])
+
+    def loading(self, name: str) -> bool:
+        with self._lock:
+            return name in self._loading
+
+    def begin_load(self, name: str, why: Literal["miss", "prefetch"] = "miss") -> list[str]:
+        """Make room for `name` (evicting idle members per the policy) and reserve its expected memory while it
+        loads: a miss, or a prefetch. Returns the names evicted; CacheError when it cannot fit now (`busy`) or
+        at all."""
+        with self._lock:
+            self._tick += 1
+            self.misses += why == "miss"
             estimate = self._estimate(name)
             evicted = self._make_room(Wanted(name, estimate), f"to load {name}")
-            self._loading[name] = estimate
-        try:
-            started = time.perf_counter()
-            session = self._load(name)
-            load_ms = (time.perf_counter() - started) * 1000
-            memory = float(self._memory_of(name, session))
-        except BaseException:
-            with self._cond:
-                del self._loading[name]
-                self._cond.notify_all()
-            raise
-        with self._cond:
+            self._loading[name], self._why[name] = estimate, why
+            return evicted
+
+    def end_load(self, name: str, session: object, load_ms: float, evicted: list[str]) -> Lease:
+        """Commit a finished load with one lease on it, evicting further if it measured more than expected; when
+        even that cannot make room, the session is dropped and CacheError raised. `evicted` is what its
+        begin_load evicted, for the lease's record."""
+        memory = float(self._memory_of(name, session))
+        with self._lock:
             del self._loading[name]
+            why = self._why.pop(name)
             self._measured[name] = memory
             try:
-                evicted += self._make_room(Wanted(name, memory),
-                                           f"to load {name}, which took {memory:.0f} MB, more than estimated")
+                evicted = evicted + self._make_room(
+                    Wanted(name, memory), f"to load {name}, which took {memory:.0f} MB, more than estimated",
+                    may_evict=why == "miss")  # a prefetch is a guess: it never evicts
             except CacheError:
-                self._cond.notify_all()
                 session = None  # drop the only reference so the memory is freed before the error propagates
                 gc.collect()
                 raise
-            self._commit(name, session, memory, "miss", leases=1)
-            self._cond.notify_all()
+            self._commit(name, session, memory, why, leases=1)
             return Lease(session, False, load_ms, evicted)
 
-    def prefetch(self, name: str) -> bool:
-        """Load `name` ahead of a predicted request, only if the policy allows prefetch and it fits without
-        evicting anything (judged by the estimate, then by the measured memory). True when it loaded."""
-        with self._cond:
-            if not self.prefetch_enabled or name in self._loaded or name in self._loading \
-                    or len(self._loaded) + len(self._loading) >= self.max_loaded:
-                return False
-            if self._held_mb() + self._estimate(name) > self.budget_mb + EPS_MB:
-                return False
-            session = self._load(name)
-            memory = float(self._memory_of(name, session))
-            self._measured[name] = memory
-            if self._held_mb() + memory > self.budget_mb + EPS_MB:
-                del session
-                gc.collect()
-                return False
-            self._tick += 1
-            self._commit(name, session, memory, "prefetch")
-            return True
+    def abort_load(self, name: str) -> None:
+        """A load that failed: its reservation is freed."""
+        with self._lock:
+            del self._loading[name]
+            self._why.pop(name)
+
+    def release(self, name: str) -> None:
+        """A lease ends: the member may be evicted again once no other holds it."""
+        with self._lock:
+            self._loaded[name].leases -= 1
+
+    def prefetchable(self, name: str) -> bool:
+        """Whether to load `name` ahead of a predicted request: the policy allows prefetch and it fits, by its
+        estimate, without evicting anything."""
+        with self._lock:
+            return (self.prefetch_enabled and name not in self._loaded and name not in self._loading
+                    and len(self._loaded) + len(self._loading) < self.max_loaded
+                    and self._held_mb() + self._estimate(name) <= self.budget_mb + EPS_MB)
+
+    def evict(self, name: str, reason: str) -> None:
+        """Drop an idle member now (one that failed, so the next request loads it afresh)."""
+        with self._lock:
+            if name in self._loaded:
+                self._evict([name], reason)
+
+    def clear(self) -> None:
+        """Drop every session (calm is stopping): not evictions, so the counters stay as the policy left them."""
+        with self._lock:
+            self._loaded.clear()
+            gc.collect()
 
     def set_budget(self, budget_mb: float) -> list[str]:
         """Change the memory budget, evicting at once (policy order, never pinned or in use) to fit; returns the
         evicted names. Raises CacheError, changing nothing, when what must stay exceeds it."""
         if budget_mb <= 0:
             raise ValueError(f"cache budget must be positive, not {budget_mb}")
-        with self._cond:
+        with self._lock:
             plan = plan_fit(self._snapshot(), budget_mb, self.max_loaded, self.eviction, frozenset(self.pinned),
                             self.demand(), self._in_use())
             if not plan.fits:
@@ -195,20 +204,20 @@ class MemberCache:
 
     def pin(self, name: str) -> None:
         """Never evict `name` while it is loaded (it is not loaded by pinning)."""
-        with self._cond:
+        with self._lock:
             self.pinned.add(name)
 
     def unpin(self, name: str) -> None:
-        with self._cond:
+        with self._lock:
             self.pinned.discard(name)
 
     def loaded(self, name: str) -> bool:
-        with self._cond:
+        with self._lock:
             return name in self._loaded
 
     def state(self) -> dict[str, Any]:
         """A JSON-ready snapshot: loaded members (most recent first), budget, and counters."""
-        with self._cond:
+        with self._lock:
             return {
                 "budget_mb": self.budget_mb,
                 "used_mb": self._used_mb(),
@@ -242,11 +251,13 @@ class MemberCache:
         return [*(Loaded(n, e.memory_mb, e.last_used, float(self._load_cost_ms(n))) for n, e in self._loaded.items()),
                 *(Loaded(n, mb, self._tick, float(self._load_cost_ms(n))) for n, mb in self._loading.items())]
 
-    def _make_room(self, wanted: Wanted, reason: str) -> list[str]:
+    def _make_room(self, wanted: Wanted, reason: str, may_evict: bool = True) -> list[str]:
         plan = plan_evictions(wanted, self._snapshot(), self.budget_mb, self.max_loaded, self.eviction,
                               frozenset(self.pinned), self.demand(), self._in_use() - {wanted.name})
         if not plan.fits:
             raise CacheError(plan.detail, busy=plan.refused == "busy")
+        if plan.evict and not may_evict:
+            raise CacheError(f"{wanted.name} took {wanted.memory_mb:.0f} MB: it does not fit without evicting")
         self._evict(plan.evict, reason)
         return list(plan.evict)
 
