@@ -87,8 +87,8 @@ def main(ctx: click.Context) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 def settings_cmd(as_json: bool) -> None:
     """Show every setting: its CALM_* variable, current value, whether calm can use it, and meaning."""
-    rows = [{"env": s.env, "value": s.raw(), "problem": s.reason(), "description": s.description}
-            for s in settings.SETTINGS.values()]
+    rows = [{"env": s.env, "value": ("(set)" if s.is_set() else "") if s.secret else s.raw(), "problem": s.reason(),
+             "description": s.description} for s in settings.SETTINGS.values()]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -196,11 +196,14 @@ def _calm(policy_path: str | None, quiet: bool = False):
     """The process's one MAPE-K loop, or a clear exit when something it needs is missing. A knowledge base
     that cannot serve does not stop it: the loop answers in degraded mode (see calm_cli.knowledge), said once on
     stderr (whatever `quiet`) and in every record."""
+    return _calm_for(_policy(policy_path), quiet)
+
+
+def _calm_for(policy, quiet: bool = False):
     from calm_cli.knowledge import open_knowledge
     from calm_cli.loop.assemble import assemble
 
-    return assemble(_policy(policy_path), _store(), open_knowledge(on_degraded=_echo_err),
-                    (lambda m: None) if quiet else _echo_err)
+    return assemble(policy, _store(), open_knowledge(on_degraded=_echo_err), (lambda m: None) if quiet else _echo_err)
 
 
 POLICY_OPTION = click.option("--policy", "policy_path", type=click.Path(exists=True, dir_okay=False),
@@ -313,6 +316,21 @@ def serve_stdin(policy_path: str | None) -> None:
     calm = _calm(policy_path)
     answered = serve(calm, sys.stdin.fileno(), sys.stdout, _echo_err)
     _echo_err(f"calm: {answered} record(s) written, bye")
+
+
+@main.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (loopback by default; set CALM_API_KEY before exposing it).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@POLICY_OPTION
+def serve_http(host: str, port: int, policy_path: str | None) -> None:
+    """Long-running: an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models,
+    /health, /metrics); model "calm" routes, a member's name forces it. SIGTERM drains, then exits."""
+    from calm_cli.front import http
+
+    policy = _policy(policy_path)  # a bad policy ends here, before the port opens
+    http.serve(lambda: _calm_for(policy), host, port, api_key=str(settings.get("api_key")),
+               max_body=int(settings.get("max_body")), log=_echo_err)
 
 
 @main.command("profile")

@@ -8,8 +8,9 @@ import sys
 SERVING_MODULES = ["calm_cli.cli", "calm_cli.engine.complete", "calm_cli.engine.batch", "calm_cli.engine.session",
                    "calm_cli.engine.prompt", "calm_cli.engine.tokenizer",
                    "calm_cli.fleet.gguf_tokenizer", "calm_cli.fleet.pull", "calm_cli.fleet.export",
-                   "calm_cli.front.jsonl", "calm_cli.knowledge", "calm_cli.loop.assemble", "calm_cli.loop.calm",
-                   "calm_cli.loop.execute.cache", "calm_cli.loop.execute.run", "calm_cli.loop.plan",
+                   "calm_cli.front.jsonl", "calm_cli.front.http", "calm_cli.front.metrics", "calm_cli.knowledge", "calm_cli.loop.assemble", "calm_cli.loop.calm",
+                   "calm_cli.loop.execute.cache", "calm_cli.loop.execute.run",
+                   "calm_cli.loop.execute.scheduler", "uvicorn", "calm_cli.loop.plan",
                    "calm_cli.loop.analyze", "calm_cli.loop.monitor", "calm_cli.members.local", "calm_cli.policy"]
 FORBIDDEN = ("torch", "transformers", "optimum")
 
