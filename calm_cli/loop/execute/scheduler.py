@@ -170,12 +170,17 @@ class Scheduler:
         evicted = self.loading.pop(member)
         try:
             self.cache.end_load(member, handle, load_ms, evicted)
-        except CacheError as exc:  # it measured more than the room left
-            self._fail_waiting_for(member, exc)
+        except CacheError:
+            # It measured more than the room left, and the cache dropped it. The tickets waiting for it stay:
+            # _drain asks the cache again with the measured size, so they wait while running members hold the
+            # room (busy), load it as a miss (a prefetch may not evict; a miss may), or fall back when it can
+            # never fit. (They used to fall back at once, failing a request that would fit a moment later.)
+            pass
         else:
             self.cache.release(member)  # leases are the tickets' it runs; idle, it may be evicted
             # end_load evicts further idle members when the load measured more than its estimate: drop their
             # seats too, or a later ticket would join a member that is no longer loaded (hold() -> None).
+            self._drop_evicted_seats()
             self.seats[member] = _Seat(handle)
             for t in self.waiting:
                 if t.order[0] == member:
