@@ -435,6 +435,27 @@ SCENARIOS = [
     scenario("prefetch-off-by-default", {},
              prefetch("a"), [],
              cached(), []),
+    # Questions that come after waiting work do not join the batch before it: the work is not starved.
+    scenario("questions-behind-waiting-work-do-not-overtake-it", BATCH_A,
+             submit("q1", "a"), [load("a")],
+             loaded("a"), [step("a", "q1")],
+             submit("w2", "a", work=True), [],
+             submit("q3", "a"), [],  # would fit the batch, but w2 waits for it to empty
+             stepped("a", done=["q1"]), [fin("q1"), step("a", "w2", alone=True)],
+             stepped("a", done=["w2"]), [fin("w2"), step("a", "q3")],
+             stepped("a", done=["q3"]), [fin("q3")]),
+    scenario("a-cancelled-ticket-that-fails-ends-as-cancelled-not-on-the-next-member", {},
+             submit("q1", "a", "b"), [load("a")],
+             loaded("a"), [step("a", "q1", alone=True)],
+             cancel("q1"), [],
+             stepped("a", failed=["q1"]), [fin("q1", "ShuttingDown")],
+             says("q1", "cancelled")),
+    scenario("after-shutdown-without-drain-a-failure-does-not-fall-back", {},
+             submit("q1", "a", "b"), [load("a")],
+             loaded("a"), [step("a", "q1", alone=True)],
+             shutdown(False), [],
+             stepped("a", failed=["q1"]), [fin("q1", "ShuttingDown")],
+             is_idle(), []),
 ]
 
 

@@ -153,6 +153,7 @@ class Scheduler:
         self.seats: dict[str, _Seat] = {}
         self.loading: dict[str, list[str]] = {}  # member -> what its begin_load evicted
         self.closing = False
+        self.draining = True  # after a shutdown: whether what was taken is still answered
         self._seq = itertools.count()
 
     # ---------------------------------------------------------------------------------------- events
@@ -239,7 +240,7 @@ class Scheduler:
 
     def shutdown(self, drain: bool) -> None:
         """Stop taking tickets; with `drain` what waits is still answered, else it ends as unavailable."""
-        self.closing = True
+        self.closing, self.draining = True, drain
         if not drain:
             for ticket in self.waiting:
                 self._end(ticket, ShuttingDown("calm is shutting down"))
@@ -274,18 +275,23 @@ class Scheduler:
     def _drain(self) -> None:
         """Place what waits, in order, then start the steps there is room for."""
         self.expire()
+        passed_over: set[str] = set()  # members an earlier ticket waits for: later ones may not cut in
         for ticket in self._ordered():
-            if not self._place(ticket):
+            if not self._place(ticket, passed_over):
                 break
         self._start_steps()
 
-    def _place(self, ticket: Ticket) -> bool:
-        """Seat `ticket` or start what it needs; False when it must wait for room (nothing may overtake it)."""
+    def _place(self, ticket: Ticket, passed_over: set[str]) -> bool:
+        """Seat `ticket` or start what it needs; False when it must wait for room (nothing may overtake it).
+        A ticket that cannot join its loaded member now (work waiting for the batch to empty, a full batch) keeps
+        the later tickets for that member from joining before it, so questions cannot starve it."""
         while True:
             member = ticket.order[0]
             seat = self.seats.get(member)
             if seat is not None:
-                if self._joins(seat, ticket):
+                if member in passed_over or not self._joins(seat, ticket):
+                    passed_over.add(member)
+                else:
                     self.waiting.remove(ticket)
                     lease = self.cache.hold(member)
                     assert lease is not None
@@ -343,7 +349,10 @@ class Scheduler:
         """Record the failure and move to the next member; False (and the ticket ended) when none is left."""
         ticket.failures.append((member, error))
         ticket.order = ticket.order[1:]
-        if not ticket.order or ticket.cancelled:
+        if ticket.cancelled or (self.closing and not self.draining):  # nobody waits for another member's answer
+            self._end(ticket, ShuttingDown("cancelled by the client" if ticket.cancelled else "calm is shutting down"))
+            return False
+        if not ticket.order:
             self._end(ticket, ModelsFailed("; ".join(f"{m}: {e}" for m, e in ticket.failures)))
             return False
         self.cache.want(ticket.order[0])
