@@ -561,6 +561,49 @@ def bench(ctx: click.Context, policy_paths: tuple[str, ...], task_names: list[st
         report.plot(result, Path(plot_path))
 
 
+@bench.command("serve")
+@click.option("--policy", "policy_path", type=click.Path(exists=True, dir_okay=False),
+              help="Policy (default: the embedded policies/default.yaml).")
+@click.option("--model", "member", default="smollm2-135m", show_default=True,
+              help="Member for the batching and HTTP measurements.")
+@click.option("--batch", "n_batch", type=click.IntRange(2, 64), default=8, show_default=True,
+              help="Questions sent to the member at once.")
+@click.option("--tokens", type=click.IntRange(1, 2048), default=48, show_default=True,
+              help="max_tokens of each batched question (greedy).")
+@click.option("--repeats", type=click.IntRange(1, 20), default=3, show_default=True)
+@click.option("--n", "n_arrivals", type=click.IntRange(4, 2000), default=40, show_default=True,
+              help="Questions in the arrival runs (everyday questions and HumanEval prompts, alternating).")
+@click.option("--arrival", "rate", type=click.FloatRange(0.0, min_open=True), default=0.5, show_default=True,
+              help="Poisson arrival rate (requests/s) of the second arrival run; the first sends all at once.")
+@click.option("--http", "n_http", type=click.IntRange(2, 10000), default=40, show_default=True,
+              help="Requests for the HTTP overhead (each sent both ways).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--parts", callback=_csv(str), default="batching,arrivals,http", show_default=True,
+              help="Which measurements to run.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here.")
+def bench_serve(policy_path: str | None, member: str, n_batch: int, tokens: int, repeats: int, n_arrivals: int,
+                rate: float, n_http: int, seed: int, parts: list[str], json_path: str | None) -> None:
+    """The scheduler against the single-stream loop: batched decoding, throughput and latency under arrivals,
+    and what the HTTP front adds, side by side in one run."""
+    from calm_cli.bench import concurrency, report
+    from calm_cli.knowledge import default_path
+
+    policy = _policy(policy_path)
+    if member not in {m.model for m in policy.members}:
+        _fail(f"{member} is not a member of policy {policy.name}", EXIT_USAGE)
+    unknown = set(parts) - set(concurrency.PARTS)
+    if unknown or not parts:
+        _fail(f"--parts takes {', '.join(concurrency.PARTS)}, not {', '.join(sorted(unknown)) or 'nothing'}",
+              EXIT_USAGE)
+    _kb().close()
+    result = concurrency.run(policy, _store(), default_path(), member=member, n_batch=n_batch, tokens=tokens,
+                             repeats=repeats, n_arrivals=n_arrivals, rate=rate, seed=seed, n_http=n_http,
+                             parts=tuple(parts), log=_echo_err)
+    click.echo(report.serve_table(result))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
 @bench.command("engine")
 @click.option("--models", default="smollm2-135m,gemma3-270m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b",
               callback=_csv(str), show_default=True)

@@ -75,3 +75,46 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle(f"calm bench: {result.get('workload', {}).get('queries', '?')} queries{estimated}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def serve_table(result: dict) -> str:
+    """`calm bench serve`'s three measurements as tables: ratios first, with their intervals."""
+    lines: list[str] = []
+    if "batching" in result:
+        lines += _batching_lines(result["batching"])
+    if "arrivals" in result:
+        lines += _arrival_lines(result["arrivals"])
+    if "http" in result:
+        h = result["http"]
+        added, lo, hi = h["added_p50_ms"]
+        lines.append(f"http: {h['requests']} requests to {h['member']} each way: p50 {h['direct_p50_ms']} ms "
+                     f"in-process, {h['http_p50_ms']} ms through calm serve; added p50 {added:.2f} ms "
+                     f"(95% interval {lo:.2f}-{hi:.2f})")
+    return "\n".join(lines)
+
+
+def _batching_lines(b: dict) -> list[str]:
+    med, lo, hi = b["speedup"]
+    return [f"batching: {b['requests']} greedy questions to {b['member']}, max_tokens {b['max_tokens']}, "
+             f"{len(b['rounds'])} round(s): all at once {med:.2f}x faster than one by one "
+             f"(median; range {lo:.2f}-{hi:.2f})",
+             tabulate([[i + 1, r["sequential_s"], r["together_s"], r["speedup"], r["tokens"],
+                        f"{r['same_answers']}/{b['requests']}", r["errors"]] for i, r in enumerate(b["rounds"])],
+                      headers=["round", "one by one s", "together s", "speedup", "tokens", "same answers",
+                               "errors"]), ""]
+
+
+def _arrival_lines(runs: list[dict]) -> list[str]:
+    rows = []
+    for a in runs:
+        label = "all at once" if a["rate"] is None else f"{a['rate']}/s"
+        for name in ("single-stream", "scheduler"):
+            s = a[name]
+            rows.append([label, name, s["requests"], s["errors"], s["mean_ms"], s["p50_ms"], s["p95_ms"],
+                         s["per_minute"], s["wall_s"]])
+        ratio, lo, hi = a["mean_latency_ratio"]
+        rows.append([label, "scheduler / single", "", "", f"{ratio:.2f} ({lo:.2f}-{hi:.2f})", "", "",
+                     f"{a['throughput_ratio']:.2f}x", ""])
+    return [f"arrivals ({runs[0]['requests']} questions; mean latency ratio with its 95% bootstrap interval)",
+            tabulate(rows, headers=["arrivals", "system", "requests", "errors", "mean ms", "p50 ms", "p95 ms",
+                                    "per minute", "wall s"]), ""]
