@@ -347,3 +347,44 @@ def test_bench_serve_on_the_tiny_fleet(tiny_env: dict, tmp_path: Path) -> None:
     added, lo, hi = got["http"]["added_p50_ms"]
     assert lo <= added <= hi and got["http"]["requests"] == 4
     assert b"batching: 3 greedy questions" in result.stdout and b"added p50" in result.stdout
+
+
+@pytest.mark.fleet
+def test_a_real_answer_from_smollm2_through_the_openai_client(fleet_store, tmp_path: Path) -> None:
+    """The real SmolLM2 (calm's shared cache, a private knowledge base), routed and streamed."""
+    import os
+
+    import yaml
+
+    for name in ("smollm2-135m", "minilm-l6"):
+        result = subprocess.run([sys.executable, "-m", "calm_cli", "models", "export", name], capture_output=True)
+        assert result.returncode == 0, result.stderr.decode()[-2000:]
+    data = yaml.safe_load((POLICIES / "default.yaml").read_text())
+    data["name"], data["fleet"], data["escalation"] = "smol", [dict(data["fleet"][0], max_tokens=24)], \
+        {"enabled": False}
+    policy = tmp_path / "smol.yaml"
+    policy.write_text(yaml.safe_dump(data))
+    env = {k: v for k, v in os.environ.items() if k != "CALM_API_KEY"} | {"CALM_DATA_DIR": str(tmp_path / "data")}
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "calm_cli", "serve", "--port", str(port), "--policy", str(policy)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    served = Served(proc, port, None)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(served.base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        client = served.client(timeout=300)
+        ask = dict(model="calm", temperature=0, messages=[{"role": "user", "content": "What is 2 + 2?"}])
+        whole = client.chat.completions.create(**ask)
+        assert whole.model == "smollm2-135m" and "4" in whole.choices[0].message.content  # SmolLM2 gets this one
+        record = whole.model_extra["calm"]
+        assert record["metrics"]["provider"] and record["metrics"]["tokens_out"] == whole.usage.completion_tokens
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**ask, stream=True)
+                           if c.choices)
+        assert streamed == whole.choices[0].message.content
+    finally:
+        assert served.stop() == 0, served.stderr.decode()[-2000:]
