@@ -22,6 +22,7 @@ class MemberPolicy:
     domains: tuple[str, ...] = ()
     max_tokens: int = 256
     temperature: float = 0.0
+    endpoint: dict | None = field(default=None, compare=False)  # a remote member's server (schemas: endpoint)
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,8 @@ class Policy:
         e = self.escalation
         if not e.get("enabled"):
             return None
-        return MemberPolicy(e["model"], e.get("description", "the larger model"), max_tokens=e.get("max_tokens", 256))
+        return MemberPolicy(e["model"], e.get("description", "the larger model"), max_tokens=e.get("max_tokens", 256),
+                            endpoint=e.get("endpoint"))
 
     @property
     def members(self) -> tuple[MemberPolicy, ...]:
@@ -62,14 +64,21 @@ def _cross_checks(data: dict, source: str, models: dict[str, lock.ModelSpec]) ->
     fleet_names = [m["model"] for m in data["fleet"]]
     first: dict[str, int] = {}
     for i, name in enumerate(fleet_names):
-        if name not in models:
+        if "endpoint" in data["fleet"][i]:
+            if name in models:
+                out.append(f"{source}: fleet[{i}].model: {name!r} has an endpoint, so it names a remote member: "
+                           "use a name that is not in models.lock (the server's own name goes in endpoint.model)")
+        elif name not in models:
             out.append(f"{source}: fleet[{i}].model: {name!r} is not in models.lock ({', '.join(models)})")
         elif not models[name].generative:
             out.append(f"{source}: fleet[{i}].model: {name!r} is an encoder, not a model that answers")
         if first.setdefault(name, i) != i:
             out.append(f"{source}: fleet[{i}].model: {name!r} is listed twice")
     esc = data["escalation"]
-    if esc.get("enabled") and esc.get("model") not in models:
+    if esc.get("enabled") and "endpoint" in esc and esc.get("model") in models:
+        out.append(f"{source}: escalation.model: {esc.get('model')!r} has an endpoint: use a name that is not in "
+                   "models.lock")
+    elif esc.get("enabled") and "endpoint" not in esc and esc.get("model") not in models:
         out.append(f"{source}: escalation.model: {esc.get('model')!r} is not in models.lock")
     runnable = set(fleet_names) | ({esc.get("model")} if esc.get("enabled") else set())
     for i, name in enumerate(data["cache"].get("pinned", [])):
@@ -97,7 +106,8 @@ def load(path: Path | None = None) -> Policy:
         name=data["name"],
         source=source,
         fleet=tuple(MemberPolicy(m["model"], m["description"], tuple(m.get("examples", ())), tuple(m.get("domains", ())),
-                           m.get("max_tokens", 256), m.get("temperature", 0.0)) for m in data["fleet"]),
+                           m.get("max_tokens", 256), m.get("temperature", 0.0), m.get("endpoint"))
+                     for m in data["fleet"]),
         goals=data["goals"],
         weights=data["weights"],
         cache=data["cache"],

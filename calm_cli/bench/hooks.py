@@ -13,7 +13,7 @@ class Slowed(Member):
 
     def __init__(self, inner: Member):
         self.inner, self.factor = inner, 1.0
-        self.name, self.config, self.precision = inner.name, inner.config, inner.precision
+        self.name, self.config, self.precision, self.remote = inner.name, inner.config, inner.precision, inner.remote
 
     def estimate_mb(self) -> float:
         return self.inner.estimate_mb()

@@ -37,7 +37,8 @@ def assemble(policy: Policy, store: Store, knowledge: Knowledge, log: Callable[[
         return members[name].memory_of(handle.session) + kv
 
     cache = MemberCache(policy.cache, memory_of=memory_of, estimate_mb=analyzer.memory_mb,
-                        load_cost_ms=analyzer.load_cost_ms, log=cache_event)
+                        load_cost_ms=analyzer.load_cost_ms, log=cache_event,
+                        roomless=frozenset(n for n, m in members.items() if m.remote))
     driver = Driver(members, cache, discipline=policy.queue["discipline"], concurrency=settings.concurrency())
     return Calm(policy, embed=encoder.embed, planner=Planner(policy, list(policy.fleet), encoder.embed),
                 analyzer=analyzer, executor=Executor(driver, knowledge, policy.name, log), members=members,

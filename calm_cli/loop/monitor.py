@@ -3,6 +3,7 @@ observation in the knowledge base, answered or failed alike."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +50,8 @@ def record(request_id: Any, policy: str, served: Served, queue_ms: float, cache_
         "tokens_per_s": round(final.tokens_per_s, 2),
         "energy_j": round(sum(r.energy_j for r in served.runs), 4),
         "energy_estimated": any(r.energy_estimated for r in served.runs),
-        "memory_mb": round(cache_used_mb, 1), "confidence": round(final.confidence, 4),
+        "memory_mb": round(cache_used_mb, 1),
+        "confidence": None if math.isnan(final.confidence) else round(final.confidence, 4),  # a remote gave none
         "cache_hit": all(r.hit for r in served.runs), "provider": final.provider,
         "stop_reason": final.stop_reason,
     }
@@ -73,7 +75,7 @@ def observation(run: Run, *, request_id: Any, policy: str, domain: str | None, q
         "latency_ms": run.latency_ms, "ttft_ms": run.ttft_ms, "queue_ms": queue_ms, "load_ms": run.load_ms,
         "tokens_in": run.tokens_in, "tokens_out": run.tokens_out, "tokens_per_s": run.tokens_per_s,
         "energy_j": run.energy_j, "energy_estimated": run.energy_estimated, "memory_mb": None,
-        "confidence": run.confidence, "cache_hit": run.hit, "provider": run.provider,
+        "confidence": None if math.isnan(run.confidence) else run.confidence, "cache_hit": run.hit, "provider": run.provider,
         "escalated_from": escalated_from, "error_code": None, "injected_slowdown": run.injected_slowdown,
     }
 

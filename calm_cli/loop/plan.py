@@ -16,6 +16,8 @@ this one with the probability that the first answer is right given the confidenc
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass
 from typing import Mapping
 
@@ -211,6 +213,8 @@ class Planner:
                               f"expected quality {larger:.2f} vs {first:.2f} for {first_model}'s answer at "
                               f"confidence {confidence:.2f} (min_gain {esc['min_gain']})", first, larger)
         threshold = esc.get("confidence_threshold", 0.0)
+        if math.isnan(confidence):  # a remote member that returned no logprobs
+            return Escalation(False, "confidence unavailable: not escalated")
         return Escalation(confidence < threshold, f"confidence {confidence:.2f} vs threshold {threshold}")
 
     def _violation(self, c: Candidate, p: Prediction) -> str | None:

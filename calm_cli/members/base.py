@@ -76,6 +76,7 @@ class Member(ABC):
     name: str
     config: MemberPolicy
     precision: str | None  # the precision it serves (profiles are kept per precision); None when not local
+    remote: bool = False  # served elsewhere: it takes no memory and no model slot in this process's cache
 
     @abstractmethod
     def estimate_mb(self) -> float:

@@ -10,6 +10,7 @@ from calm_cli.fleet import lock
 from calm_cli.fleet.store import Store
 from calm_cli.members.base import Member
 from calm_cli.members.local import LocalMember
+from calm_cli.members.remote import RemoteMember
 from calm_cli.policy import Policy
 
 
@@ -27,7 +28,8 @@ def encoder_dir(store: Store, name: str) -> Path:
 
 
 def members(policy: Policy, store: Store, precision: str) -> dict[str, Member]:
-    """Every member the policy may run (its fleet, then its escalation target), by name."""
+    """Every member the policy may run (its fleet, then its escalation target), by name: a remote one where
+    the policy gives it an endpoint, a local export otherwise."""
     specs = lock.load()
-    return {m.model: LocalMember(m, specs[m.model], precision, store.exports(m.model).get(precision))
-            for m in policy.members}
+    return {m.model: RemoteMember(m) if m.endpoint else
+            LocalMember(m, specs[m.model], precision, store.exports(m.model).get(precision)) for m in policy.members}

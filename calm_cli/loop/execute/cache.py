@@ -87,7 +87,8 @@ class MemberCache:
     later plans. Thread-safe."""
 
     def __init__(self, cache: Mapping[str, Any], *, memory_of: Callable[[str, object], float], estimate_mb: Callable[[str], float],
-                 load_cost_ms: Callable[[str], float], log: Callable[[CacheEvent], None] = lambda event: None):
+                 load_cost_ms: Callable[[str], float], log: Callable[[CacheEvent], None] = lambda event: None,
+                 roomless: frozenset[str] = frozenset()):
         check_policy(cache["eviction"])
         self.budget_mb = float(cache["budget_mb"])
         self.max_loaded = int(cache["max_loaded"])
@@ -95,6 +96,7 @@ class MemberCache:
         self.pinned: set[str] = set(cache.get("pinned", ()))
         self.prefetch_enabled = bool(cache.get("prefetch", False))  # opt-in: it spends memory on a guess
         self.demand = DecayedDemand()
+        self.roomless = roomless  # remote members: held (a client) but taking neither memory nor a slot here
         self._memory_of, self._estimate_mb = memory_of, estimate_mb
         self._load_cost_ms, self._log = load_cost_ms, log
         self._loaded: dict[str, _Entry] = {}
@@ -173,7 +175,9 @@ class MemberCache:
         estimate, without evicting anything."""
         with self._lock:
             return (self.prefetch_enabled and name not in self._loaded and name not in self._loading
-                    and len(self._loaded) + len(self._loading) < self.max_loaded
+                    and (name in self.roomless
+                         or len(set(self._loaded) - self.roomless) + len(set(self._loading) - self.roomless)
+                         < self.max_loaded)
                     and self._held_mb() + self._estimate(name) <= self.budget_mb + EPS_MB)
 
     def evict(self, name: str, reason: str) -> None:
@@ -248,10 +252,14 @@ class MemberCache:
 
     def _snapshot(self) -> list[Loaded]:
         """What the eviction policy sees: loaded members, and loads in flight holding their reservation."""
-        return [*(Loaded(n, e.memory_mb, e.last_used, float(self._load_cost_ms(n))) for n, e in self._loaded.items()),
-                *(Loaded(n, mb, self._tick, float(self._load_cost_ms(n))) for n, mb in self._loading.items())]
+        return [*(Loaded(n, e.memory_mb, e.last_used, float(self._load_cost_ms(n))) for n, e in self._loaded.items()
+                  if n not in self.roomless),
+                *(Loaded(n, mb, self._tick, float(self._load_cost_ms(n))) for n, mb in self._loading.items()
+                  if n not in self.roomless)]
 
     def _make_room(self, wanted: Wanted, reason: str, may_evict: bool = True) -> list[str]:
+        if wanted.name in self.roomless:
+            return []
         plan = plan_evictions(wanted, self._snapshot(), self.budget_mb, self.max_loaded, self.eviction,
                               frozenset(self.pinned), self.demand(), self._in_use() - {wanted.name})
         if not plan.fits:
