@@ -68,8 +68,13 @@ class Recorder:
         self.effects.append(("load", member))
 
     def step(self, member: str, handle: Handle, admit: list[Ticket], alone: bool) -> None:
-        assert member not in self.pending_steps, f"two steps of {member} at once"
         running = self.running.setdefault(member, [])
+        if handle.parallel > 1:  # a remote member: each request its own step, up to `parallel` at once
+            assert alone and len(admit) == 1 and len(running) < handle.parallel
+            running += admit
+            self.effects.append(("step", member, [self.names[t] for t in admit], alone))
+            return
+        assert member not in self.pending_steps, f"two steps of {member} at once"
         if alone:  # a job that runs alone has the member to itself: nothing before it, nothing joins it
             assert len(admit) == 1 and not running
         else:
@@ -92,9 +97,11 @@ class Rig:
     def __init__(self, *, sizes: dict[str, float] | None = None, measured: dict[str, float] | None = None,
                  costs: dict[str, float] | None = None, rows: dict[str, int | None] | None = None,
                  budget: float = 10_000, max_loaded: int = 4, eviction: str = "lru", prefetch: bool = False,
-                 pinned: tuple[str, ...] = (), concurrency: int = 1, discipline: str = "fifo"):
+                 pinned: tuple[str, ...] = (), concurrency: int = 1, discipline: str = "fifo",
+                 parallel: dict[str, int] | None = None):
         sizes, measured, costs = sizes or {}, measured or {}, costs or {}
         self.rows = rows or {}
+        self.parallel = parallel or {}
         self.clock = Clock()
         self.fx = Recorder()
         self.cache = MemberCache(
@@ -124,7 +131,8 @@ class Rig:
         self.fx.pending_loads.remove(member)
         rows = self.rows.get(member)
         batch = None if rows is None else SimpleNamespace(slots=SimpleNamespace(rows=rows))
-        self.sched.loaded(member, Handle(session=SimpleNamespace(mb=mb), batch=batch), 10.0)
+        self.sched.loaded(member, Handle(session=SimpleNamespace(mb=mb), batch=batch,
+                                         parallel=self.parallel.get(member, 1)), 10.0)
 
     def load_failed(self, member: str) -> None:
         self.fx.pending_loads.remove(member)
@@ -134,7 +142,7 @@ class Rig:
                 error: bool = False) -> None:
         """The member's step ends: `done` answered, `failed` failed on it (they fall back), or with `error` the
         member failed under the whole step."""
-        del self.fx.pending_steps[member]
+        self.fx.pending_steps.pop(member, None)  # a remote member's steps are not tracked one per member
         finished: list[tuple[Ticket, Any]] = [(self.tickets[n], make_run(member)) for n in done]
         finished += [(self.tickets[n], MemberFailure(f"{member} broke on {n}")) for n in failed]
         running = self.fx.running[member]
@@ -436,6 +444,18 @@ SCENARIOS = [
              prefetch("a"), [],
              cached(), []),
     # Questions that come after waiting work do not join the batch before it: the work is not starved.
+    # A remote member: each request runs at once on its own, up to `parallel`, outside the CPU's concurrency.
+    scenario("a-remote-member-runs-its-requests-side-by-side", {"parallel": {"r": 2}, "concurrency": 1},
+             submit("q1", "r"), [load("r")],
+             submit("q2", "r"), [], submit("q3", "r"), [],
+             loaded("r"), [step("r", "q1", alone=True), step("r", "q2", alone=True)],
+             submit("l1", "a"), [load("a")],
+             loaded("a"), [step("a", "l1", alone=True)],  # the local member's step is not held up by r's two
+             stepped("r", done=["q2"]), [fin("q2"), step("r", "q3", alone=True)],
+             stepped("r", failed=["q1"]), [fin("q1", "ModelsFailed")],
+             stepped("r", done=["q3"]), [fin("q3")],
+             stepped("a", done=["l1"]), [fin("l1")],
+             cached("r", "a"), []),
     scenario("questions-behind-waiting-work-do-not-overtake-it", BATCH_A,
              submit("q1", "a"), [load("a")],
              loaded("a"), [step("a", "q1")],

@@ -14,6 +14,7 @@ class Slowed(Member):
     def __init__(self, inner: Member):
         self.inner, self.factor = inner, 1.0
         self.name, self.config, self.precision, self.remote = inner.name, inner.config, inner.precision, inner.remote
+        self.parallel = inner.parallel
 
     def estimate_mb(self) -> float:
         return self.inner.estimate_mb()

@@ -77,6 +77,7 @@ class Member(ABC):
     config: MemberPolicy
     precision: str | None  # the precision it serves (profiles are kept per precision); None when not local
     remote: bool = False  # served elsewhere: it takes no memory and no model slot in this process's cache
+    parallel: int = 1  # requests it may run at once, each on its own (a remote server's); 1: one at a time
 
     @abstractmethod
     def estimate_mb(self) -> float:

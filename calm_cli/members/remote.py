@@ -30,6 +30,7 @@ from calm_cli.policy import MemberPolicy
 FAILURES_TO_OPEN = 3
 COOLDOWN_S = 10.0
 DEFAULT_TIMEOUT_S = 120.0
+DEFAULT_PARALLEL = 8  # requests in flight to one server at once (endpoint.max_parallel)
 
 
 class RemoteMember(Member):
@@ -43,6 +44,7 @@ class RemoteMember(Member):
         self.name, self.config, self.endpoint = config.model, config, dict(config.endpoint)
         self.url = self.endpoint["url"].rstrip("/")
         self.remote_model = self.endpoint.get("model", self.name)
+        self.parallel = int(self.endpoint.get("max_parallel", DEFAULT_PARALLEL))
         self.clock = clock
         self._lock = threading.Lock()
         self._failures = 0
@@ -68,7 +70,8 @@ class RemoteMember(Member):
                 raise RunFailed(f"{self.name}: the environment variable {key_env} (endpoint.api_key_env) is not set")
             headers["Authorization"] = f"Bearer {key}"
         timeout = float(self.endpoint.get("timeout_s", DEFAULT_TIMEOUT_S))
-        return httpx.Client(base_url=self.url + "/", headers=headers, timeout=httpx.Timeout(timeout, connect=5.0))
+        return httpx.Client(base_url=self.url + "/", headers=headers, timeout=httpx.Timeout(timeout, connect=5.0),
+                            limits=httpx.Limits(max_connections=self.parallel))
 
     # -- answering
 

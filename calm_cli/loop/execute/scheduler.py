@@ -108,10 +108,13 @@ class Cancel:
 
 @dataclass
 class Handle:
-    """A loaded member as the scheduler holds it: its session and, if it batches, its batch."""
+    """A loaded member as the scheduler holds it: its session and, if it batches, its batch. `parallel` > 1: a
+    remote member, whose requests each run on their own at once (up to that many), outside the CPU's
+    `concurrency` (they wait on the network, not on a core here)."""
 
     session: object
     batch: DecodeBatch | None
+    parallel: int = 1
 
 
 class Effects(Protocol):
@@ -296,7 +299,7 @@ class Scheduler:
                     lease = self.cache.hold(member)
                     assert lease is not None
                     seat.joining.append(ticket)
-                    seat.alone = seat.alone or not self._batched(seat, ticket)
+                    seat.alone = seat.handle.parallel == 1 and (seat.alone or not self._batched(seat, ticket))
                 return True
             if member in self.loading:
                 return True
@@ -325,6 +328,8 @@ class Scheduler:
 
     def _joins(self, seat: _Seat, ticket: Ticket) -> bool:
         busy = len(seat.active) + len(seat.joining)
+        if seat.handle.parallel > 1:
+            return busy < seat.handle.parallel
         if seat.alone:
             return False
         if self._batched(seat, ticket):
@@ -332,10 +337,18 @@ class Scheduler:
         return busy == 0
 
     def _start_steps(self) -> None:
-        running = sum(s.stepping for s in self.seats.values())
-        ready = sorted((m for m, s in self.seats.items() if not s.stepping and (s.active or s.joining)),
-                       key=lambda m: self.seats[m].last_step)  # the member that waited longest goes first
         now = self.clock()
+        for member, seat in self.seats.items():  # remote members: every newcomer runs at once, on its own
+            if seat.handle.parallel > 1:
+                for ticket in seat.joining:
+                    ticket.queued_ms = (now - ticket.submitted) * 1000
+                    seat.active.append(ticket)
+                    self.effects.step(member, seat.handle, [ticket], True)
+                seat.joining = []
+        running = sum(s.stepping for s in self.seats.values())
+        ready = sorted((m for m, s in self.seats.items()
+                        if s.handle.parallel == 1 and not s.stepping and (s.active or s.joining)),
+                       key=lambda m: self.seats[m].last_step)  # the member that waited longest goes first
         for member in ready[:max(0, self.concurrency - running)]:
             seat = self.seats[member]
             admit, seat.joining = seat.joining, []
@@ -395,6 +408,9 @@ class Driver:
         self.scheduler = Scheduler(cache, self, discipline=discipline, concurrency=concurrency)
         self._events: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._workers = ThreadPoolExecutor(max_workers=concurrency + 1, thread_name_prefix="calm-worker")
+        # Remote members' requests wait on the network: threads of their own, as many as they may run at once.
+        self._network = ThreadPoolExecutor(max_workers=max(1, sum(m.parallel for m in members.values() if m.parallel > 1)),
+                                           thread_name_prefix="calm-remote")
         self._decoding: dict[str, dict[int, Ticket]] = {}  # member -> its batch's tickets (its step's own)
         self._gate = threading.Lock()  # a submit is posted before the shutdown event, or refused
         self._closed = False
@@ -452,6 +468,7 @@ class Driver:
             self._post(None)
         self._thread.join(timeout)
         self._workers.shutdown(wait=True)
+        self._network.shutdown(wait=True)
 
     def _post(self, event: Callable[[], None] | None) -> None:
         self._events.put(event)
@@ -483,7 +500,7 @@ class Driver:
         failure: MemberFailure
         try:
             session = member.load()
-            handle = Handle(session, member.batch(session))
+            handle = Handle(session, member.batch(session), member.parallel)
         except MemberFailure as exc:
             failure = exc
         except MemoryError as exc:
@@ -499,7 +516,7 @@ class Driver:
         self._post(lambda: self.scheduler.load_failed(name, failure))
 
     def step(self, member: str, handle: Handle, admit: list[Ticket], alone: bool) -> None:
-        self._workers.submit(self._step, member, handle, admit, alone)
+        (self._network if handle.parallel > 1 else self._workers).submit(self._step, member, handle, admit, alone)
 
     def _step(self, name: str, handle: Handle, admit: list[Ticket], alone: bool) -> None:
         member = self.members[name]
@@ -515,6 +532,8 @@ class Driver:
         except Exception as exc:  # noqa: BLE001 - a bug must end the tickets, never leave them waiting
             error = MemberFailure(f"{name} failed while running: {type(exc).__name__}: {exc}")
             error.__cause__ = exc
+        if error is not None and handle.parallel > 1:  # only this step's ticket failed; the others run on
+            finished, error = [(t, error) for t in admit], None
         self._post(lambda: self.scheduler.stepped(name, finished, error))
 
     def _alone(self, member: Member, handle: Handle, ticket: Ticket) -> Run | CalmError:
