@@ -403,7 +403,8 @@ def policy_show(policy_path: str | None) -> None:
 
 @main.group("kb")
 def kb_group() -> None:
-    """The knowledge base: profiles, observations and calibration (SQLite in the data directory)."""
+    """The knowledge base: profiles, observations and calibration (SQLite in the data directory, or PostgreSQL
+    at CALM_KB_URL)."""
 
 
 def _kb():
@@ -461,7 +462,8 @@ def kb_reset(yes: bool) -> None:
     """Delete every row (profiles, observations, calibration); the schema stays.
 
     A file that cannot serve (damaged, someone else's, from a newer calm, a directory) is not deleted: it is
-    moved aside to <file>.damaged-<time>, with its -wal and -shm, and a fresh knowledge base is made."""
+    moved aside to <file>.damaged-<time>, with its -wal and -shm, and a fresh knowledge base is made. In
+    PostgreSQL (CALM_KB_URL) calm's tables are dropped and made afresh."""
     from calm_cli.knowledge import KnowledgeError, open_knowledge, start_over
 
     if not yes:
@@ -471,14 +473,11 @@ def kb_reset(yes: bool) -> None:
         except KnowledgeError as exc:
             if not exc.resettable:
                 _fail(str(exc))
-            question = f"{exc.path}: {exc.problem}. Move it aside and start a fresh knowledge base?"
+            fresh = ("Drop calm's tables and make them afresh" if settings.get("kb_url") else
+                     "Move it aside and start a fresh knowledge base")
+            question = f"{exc.path}: {exc.problem}. {fresh}?"
         click.confirm(question, abort=True)
-    outcome = start_over()
-    if outcome is None:
-        click.echo("kb: reset", err=True)
-    else:
-        backup, problem = outcome
-        click.echo(f"kb: {problem}: kept the file as {backup}; started a fresh knowledge base", err=True)
+    click.echo(f"kb: {start_over()}", err=True)
 
 
 def _number(text: str, kind: type) -> float | int | None:
@@ -576,9 +575,9 @@ def bench(ctx: click.Context, policy_paths: tuple[str, ...], task_names: list[st
 @click.option("--arrival", "rate", type=click.FloatRange(0.0, min_open=True), default=0.5, show_default=True,
               help="Poisson arrival rate (requests/s) of the second arrival run; the first sends all at once.")
 @click.option("--http", "n_http", type=click.IntRange(2, 10000), default=40, show_default=True,
-              help="Requests for the HTTP overhead (each sent both ways).")
+              help="Requests for the HTTP and remote-member overheads (each sent both ways).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--parts", callback=_csv(str), default="batching,arrivals,http", show_default=True,
+@click.option("--parts", callback=_csv(str), default="batching,arrivals,http,remote", show_default=True,
               help="Which measurements to run.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here.")
 def bench_serve(policy_path: str | None, member: str, n_batch: int, tokens: int, repeats: int, n_arrivals: int,

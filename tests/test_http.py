@@ -337,7 +337,7 @@ def test_serve_answers_with_every_shipped_policy(policy: str, tiny_env: dict) ->
 def test_bench_serve_on_the_tiny_fleet(tiny_env: dict, tmp_path: Path) -> None:
     """`calm bench serve` runs its batching and HTTP measurements end to end and reports them."""
     out = tmp_path / "serve.json"
-    result = subprocess.run([sys.executable, "-m", "calm_cli", "bench", "serve", "--parts", "batching,http",
+    result = subprocess.run([sys.executable, "-m", "calm_cli", "bench", "serve", "--parts", "batching,http,remote",
                              "--batch", "3", "--tokens", "4", "--repeats", "2", "--http", "4", "--json", str(out)],
                             env=tiny_env, capture_output=True, timeout=600)
     assert result.returncode == 0, result.stderr.decode()[-2000:]
@@ -346,7 +346,9 @@ def test_bench_serve_on_the_tiny_fleet(tiny_env: dict, tmp_path: Path) -> None:
     assert all(r["errors"] == 0 and r["same_answers"] == 3 for r in got["batching"]["rounds"])
     added, lo, hi = got["http"]["added_p50_ms"]
     assert lo <= added <= hi and got["http"]["requests"] == 4
-    assert b"batching: 3 greedy questions" in result.stdout and b"added p50" in result.stdout
+    added, lo, hi = got["remote"]["added_p50_ms"]
+    assert lo <= added <= hi and got["remote"]["requests"] == 4
+    assert b"batching: 3 greedy questions" in result.stdout and b"through a remote member" in result.stdout
 
 
 @pytest.mark.fleet

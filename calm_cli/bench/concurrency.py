@@ -272,7 +272,59 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-PARTS = ("batching", "arrivals", "http")
+PARTS = ("batching", "arrivals", "http", "remote")
+
+
+def remote_overhead(fresh: Fresh, member: str, n: int, log: Callable[[str], None]) -> dict:
+    """The same short requests to `member` in the router's process and through a remote member that a
+    `calm serve` on loopback answers with that same model, alternated and paired: what the network, the HTTP
+    stream and its parsing add per request."""
+    import dataclasses
+
+    import uvicorn
+
+    from calm_cli.front.http import Server, create_app
+    from calm_cli.policy import MemberPolicy
+
+    served = fresh((member,))
+    port = _free_port()
+    uv = uvicorn.Server(uvicorn.Config(create_app(Server(lambda: served, api_key="", max_body=1 << 20)),
+                                       host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    remote = f"{member}-remote"
+    config = MemberPolicy(remote, f"{member} answered by calm serve on loopback",
+                          endpoint={"url": f"http://127.0.0.1:{port}/v1", "model": member})
+    router = Fresh(dataclasses.replace(fresh.policy, fleet=fresh.policy.fleet + (config,)), fresh.store,
+                   fresh.kb_source, fresh.tmp, log)
+    router.count = fresh.count + 100  # its own directories
+    local: list[float] = []
+    over: list[float] = []
+    try:
+        while not uv.started:
+            time.sleep(0.05)
+        calm = router((member, remote))
+        try:
+            for i in range(n):
+                request = {"id": i, "query": EVERYDAY[i % len(EVERYDAY)], "max_tokens": 4, "temperature": 0}
+                for name in ((member, remote) if i % 2 == 0 else (remote, member)):
+                    started = time.perf_counter()
+                    record = calm.answer(request | {"model": name})
+                    took = (time.perf_counter() - started) * 1000
+                    assert record["error"] is None, record["error"]
+                    (local if name == member else over).append(took)
+        finally:
+            calm.close()
+    finally:
+        uv.should_exit = True
+        thread.join(60)
+    added = [r - loc for r, loc in zip(over, local)]
+    out = {"member": member, "requests": n, "local_p50_ms": round(float(np.median(local)), 2),
+           "remote_p50_ms": round(float(np.median(over)), 2),
+           "added_p50_ms": [round(x, 2) for x in bootstrap(added)]}
+    log(f"bench serve: remote member overhead: {out}")
+    return out
+
 
 
 def run(policy: Policy, store: Store, kb_source: Path, *, member: str, n_batch: int, tokens: int, repeats: int,
@@ -289,4 +341,6 @@ def run(policy: Policy, store: Store, kb_source: Path, *, member: str, n_batch: 
                                arrivals(fresh, questions, rate, seed, log)]
         if "http" in parts:
             out["http"] = http_overhead(fresh, member, n_http, log)
+        if "remote" in parts:
+            out["remote"] = remote_overhead(fresh, member, n_http, log)
     return out

@@ -90,6 +90,12 @@ def serve_table(result: dict) -> str:
         lines.append(f"http: {h['requests']} requests to {h['member']} each way: p50 {h['direct_p50_ms']} ms "
                      f"in-process, {h['http_p50_ms']} ms through calm serve; added p50 {added:.2f} ms "
                      f"(95% interval {lo:.2f}-{hi:.2f})")
+    if "remote" in result:
+        r = result["remote"]
+        added, lo, hi = r["added_p50_ms"]
+        lines.append(f"remote member: {r['requests']} requests to {r['member']} each way: p50 {r['local_p50_ms']} ms "
+                     f"in the router, {r['remote_p50_ms']} ms through a remote member (calm serve on loopback); "
+                     f"added p50 {added:.2f} ms (95% interval {lo:.2f}-{hi:.2f})")
     return "\n".join(lines)
 
 

@@ -75,7 +75,8 @@ class Calm:
         does not stream, and the caller passes it on whole if it stands.
         """
         started = time.perf_counter()
-        query_vec = self.embed([query])[0]
+        # A forced member needs no routing and is never escalated: no embedding either.
+        query_vec = None if forced else self.embed([query])[0]
         decision = Decision(forced, [], "forced by the request") if forced else self.plan(query_vec)
         routing_ms = (time.perf_counter() - started) * 1000
         # Fallbacks: members within the hard goals first, then the rest, since an answer that breaks a goal
