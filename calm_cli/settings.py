@@ -62,7 +62,10 @@ class Setting:
 
     def error(self, reason: str) -> str:
         shown = one_line(repr(self.raw()), 100)
-        what = f"{self.env}={shown}" if self.is_set() else f"{self.env} (unset, so {shown})"
+        if self.secret and self.is_set():
+            what = f"{self.env} (set, not shown)"
+        else:
+            what = f"{self.env}={shown}" if self.is_set() else f"{self.env} (unset, so {shown})"
         return one_line(f"{what} is not valid: {reason}")
 
 
@@ -162,6 +165,14 @@ def _optional_directory(raw: str) -> Path | None:
     return _directory(raw) if raw else None
 
 
+def _postgres_url(raw: str) -> str:
+    """A libpq URL (the scheme only is checked here: the server says the rest when calm connects)."""
+    if raw and not raw.startswith(("postgresql://", "postgres://")):
+        raise ValueError("expected a postgresql:// or postgres:// URL (postgresql://user:password@host:5432/db), "
+                         "or nothing for the SQLite file in the data directory")
+    return raw
+
+
 SETTINGS: dict[str, Setting] = {
     s.name: s
     for s in [
@@ -172,6 +183,10 @@ SETTINGS: dict[str, Setting] = {
                 _directory),
         Setting("data_dir", "CALM_DATA_DIR", _under_home("data", "XDG_DATA_HOME", ".local/share"),
                 "The knowledge base (SQLite) and other state worth keeping.", _directory),
+        Setting("kb_url", "CALM_KB_URL", lambda: "",
+                "The knowledge base in PostgreSQL instead, so several calm processes share what they observe and "
+                "learn: postgresql://user:password@host:5432/db (needs the postgres extra). Empty: the SQLite file "
+                "in the data directory.", _postgres_url, secret=True),
         Setting("config_dir", "CALM_CONFIG_DIR", _under_home("config", "XDG_CONFIG_HOME", ".config"),
                 "User policies; calm falls back to the embedded default policy.", _directory),
         Setting("provider", "CALM_PROVIDER", lambda: "auto",

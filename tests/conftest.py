@@ -21,14 +21,14 @@ def _quiet_progress(label: str, total: int, work: Callable[[Callable[[int], None
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """In CI (CI=true) the [export] extra must be there: without it about 80 tests would skip through
-    importorskip and the run would pass while testing much less."""
+    """In CI (CI=true) the [export] and [test] extras must be there: without them about 80 tests would skip
+    through importorskip (and the PostgreSQL ones without psycopg) and the run would pass while testing much less."""
     import os
 
     if os.environ.get("CI", "").lower() != "true":
         return
-    missing = [m for m in ("torch", "transformers", "optimum.exporters.onnx", "gguf", "onnx", "hypothesis")
-               if _missing(m)]
+    missing = [m for m in ("torch", "transformers", "optimum.exporters.onnx", "gguf", "onnx", "hypothesis",
+                           "psycopg") if _missing(m)]
     if missing:
         pytest.exit(f"CI=true but {', '.join(missing)} cannot be imported: install the [export,test] extras", 1)
 

@@ -28,6 +28,7 @@ from calm_cli import policy as policies
 from calm_cli.cli import main
 from calm_cli.fleet.store import Store
 from calm_cli.knowledge import KnowledgeError
+from calm_cli.knowledge.base import OBSERVATION_DEFAULTS
 from calm_cli.knowledge.sqlite import SQLiteKnowledge
 from calm_cli.loop.assemble import assemble
 from calm_cli.resources import SCHEMAS
@@ -162,7 +163,7 @@ def test_record_and_recent_round_trip(kb: SQLiteKnowledge) -> None:
     kb.record(obs(ts=4.0, request_id="other", model="gemma3-270m"))
     got = kb.recent("smollm2-135m")
     assert [o["request_id"] for o in got] == ["c", "b", "a"]  # newest first, errors included
-    assert got[2] == {**knowledge.OBSERVATION_DEFAULTS, **first}
+    assert got[2] == {**OBSERVATION_DEFAULTS, **first}
     assert got[1]["cache_hit"] is True and got[1]["energy_estimated"] is True and got[1]["tokens_out"] == 5
     assert got[1]["injected_slowdown"] == 3.0 and got[1]["domain"] == "code" and got[1]["latency_ms"] == 99.5
     assert got[0]["error_code"] == "prompt_too_long" and got[0]["ttft_ms"] is None
@@ -302,7 +303,7 @@ def test_export_writes_every_row_and_reset_empties_every_table(kb: SQLiteKnowled
     assert kb.export(buffer) == 5
     lines = [json.loads(line) for line in buffer.getvalue().splitlines()]
     assert [line["table"] for line in lines] == ["observations"] * 2 + ["profiles"] + ["calibration"] * 2
-    expected = {"table": "observations", **knowledge.OBSERVATION_DEFAULTS, **obs(request_id="b", cache_hit=True)}
+    expected = {"table": "observations", **OBSERVATION_DEFAULTS, **obs(request_id="b", cache_hit=True)}
     assert lines[1] == expected
     assert lines[2]["energy_estimated"] is False and lines[2]["tokens_per_s"] == 40.0
     assert lines[3]["embedding"] == [0.25, -1.5] and lines[3]["dim"] == 2

@@ -1,17 +1,21 @@
 """The Knowledge base's interface: what calm observed (Monitor), measured (`calm profile`) and learned
 (calibration), whatever stores it.
 
-Backends sit side by side behind `Knowledge` (SQLite, the embedded default, in sqlite.py): the loop, the
-fronts, `calm profile`, `calm bench` and `calm kb` only ever use these methods. Rows are plain dicts with the
-fields below; a backend refuses unknown or missing keys rather than storing a silent NULL.
+Backends sit side by side behind `Knowledge` (SQLite, the embedded default, in sqlite.py; PostgreSQL, shared by
+several routers, in postgres.py): the loop, the fronts, `calm profile`, `calm bench` and `calm kb` only ever use
+these methods. Rows are plain dicts with the fields below; a backend refuses unknown or missing keys rather than
+storing a silent NULL. What every backend shares (the guard that turns a store's failures into one-line
+KnowledgeErrors, and degraded mode) is here too.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, TextIO
+from typing import Any, Callable, Iterable, TextIO, TypeVar
 
 import numpy as np
 
@@ -29,6 +33,7 @@ CALIBRATION_REQUIRED = ("model", "task", "item_id", "score", "embedding")
 CALIBRATION_DEFAULTS: dict[str, Any] = {"domain": None, "latency_ms": None, "energy_j": None, "tokens_out": None,
                                         "confidence": None, "ts": None}
 EMBEDDING = np.dtype("<f4")  # fixed byte order so stored embeddings move between machines
+BOOLEANS = {"observations": ("energy_estimated", "cache_hit"), "profiles": ("energy_estimated",)}  # flag columns
 
 
 def reset_remedy(where: Path | str) -> str:
@@ -104,8 +109,73 @@ def plain(row: dict) -> dict:
     return {k: v.item() if isinstance(v, np.generic) else v for k, v in row.items()}
 
 
+def observation_rows(observations: list[dict]) -> list[dict]:
+    """Observations checked (all of them, before any is stored) and completed with their defaults."""
+    for obs in observations:
+        check_keys("observation", obs, OBSERVATION_REQUIRED, OBSERVATION_DEFAULTS)
+    return [{**OBSERVATION_DEFAULTS, **plain(obs)} for obs in observations]
+
+
+CALIBRATION_COLUMNS = (*CALIBRATION_REQUIRED, *CALIBRATION_DEFAULTS, "dim")
+
+
+def calibration_rows(rows: list[dict], now: float) -> list[dict]:
+    """Calibration rows checked and completed as stored (CALIBRATION_COLUMNS): the embedding as little-endian
+    float32 bytes with its size, the item id as text, `now` where no time is given."""
+    clean = []
+    for row in rows:
+        check_keys("calibration row", row, CALIBRATION_REQUIRED, CALIBRATION_DEFAULTS)
+        r = {**CALIBRATION_DEFAULTS, **plain(row)}
+        embedding = np.asarray(r["embedding"], dtype=EMBEDDING)
+        if embedding.ndim != 1 or embedding.size == 0:
+            raise ValueError(f"calibration row {r['model']}/{r['task']}/{r['item_id']}: embedding must be "
+                             f"a non-empty vector, got shape {embedding.shape}")
+        clean.append({**r, "item_id": str(r["item_id"]), "embedding": embedding.tobytes(),
+                      "dim": embedding.size, "ts": now if r["ts"] is None else r["ts"]})
+    return clean
+
+
 def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
+
+
+_T = TypeVar("_T")
+
+
+def guarded(retry: bool = True) -> Callable[[Callable[..., _T]], Callable[..., _T]]:
+    """A backend's method made safe to call: one call at a time per handle (`_lock`); every failure of the store
+    becomes a one-line KnowledgeError (the backend's `_failure`), while the caller's own errors (a constraint
+    violated, misuse) pass as they are, since a fresh store would fail them the same way. In degraded mode
+    (`on_degraded`) the first failure switches the handle to an in-memory store for good and, with `retry`, the
+    call runs again there."""
+
+    def decorate(method: Callable[..., _T]) -> Callable[..., _T]:
+        @functools.wraps(method)
+        def call(self: Knowledge, *args: Any, **kwargs: Any) -> _T:
+            with self._lock:
+                if self._memory is not None:
+                    return getattr(self._memory, method.__name__)(*args, **kwargs)
+                try:
+                    return method(self, *args, **kwargs)
+                except KnowledgeError as exc:
+                    error = exc
+                except Exception as exc:
+                    found = self._failure(exc)
+                    if found is None:
+                        raise
+                    error = found
+                    error.__cause__ = exc
+                if self._on_degraded is None:
+                    raise error
+                self._disconnect()
+                self._degrade(error)
+                if not retry:
+                    raise error
+                return getattr(self._memory, method.__name__)(*args, **kwargs)
+
+        return call
+
+    return decorate
 
 
 class Knowledge(ABC):
@@ -113,6 +183,33 @@ class Knowledge(ABC):
     (the serving commands go on answering when the store fails; see the backend)."""
 
     degraded: str | None = None
+    _lock: threading.RLock  # held through each guarded call
+    _on_degraded: Callable[[str], None] | None = None
+    _memory: Knowledge | None = None  # the in-memory store a degraded handle passes every call to
+
+    def _failure(self, exc: Exception) -> KnowledgeError | None:
+        """What a driver's exception means for calm's user; None for the caller's own error, which passes."""
+        return None
+
+    def _degrade(self, error: KnowledgeError) -> None:
+        """Go on in memory for the rest of the process: same schema, nothing kept; `on_degraded` hears why, once.
+        The store is SQLite's in-memory one whatever the backend: it needs no file and no server."""
+        from calm_cli.knowledge.sqlite import MEMORY, SQLiteKnowledge  # here: sqlite.py imports this module
+
+        assert self._on_degraded is not None
+        self.degraded = str(error)
+        self._memory = SQLiteKnowledge(MEMORY)
+        self._on_degraded(f"calm: degraded mode, answering without keeping what is learned: {error}")
+
+    @abstractmethod
+    def _disconnect(self) -> None:
+        """Let go of the store's connection (it may have failed: errors closing it are swallowed)."""
+
+    def close(self) -> None:
+        if self._memory is not None:  # the store's own connection went when the handle degraded
+            self._memory.close()
+        else:
+            self._disconnect()
 
     # -- observations (Monitor) --------------------------------------------------------------------------
 
@@ -172,10 +269,6 @@ class Knowledge(ABC):
     @abstractmethod
     def reset(self) -> None:
         """Delete every row of every table; the schema stays."""
-
-    @abstractmethod
-    def close(self) -> None:
-        ...
 
     def __enter__(self) -> Knowledge:
         return self

@@ -32,17 +32,18 @@ import threading
 import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TextIO, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TextIO
 
 import numpy as np
 
 from calm_cli import settings
-from calm_cli.knowledge.base import (CALIBRATION_DEFAULTS, CALIBRATION_REQUIRED, EMBEDDING, OBSERVATION_DEFAULTS,
-                                     OBSERVATION_FIELDS, OBSERVATION_REQUIRED, PROFILE_METRICS, CalibrationSet,
-                                     Knowledge, KnowledgeError, calibration_set, check_keys, percentile, plain,
+from calm_cli.knowledge.base import (BOOLEANS, CALIBRATION_COLUMNS, EMBEDDING, OBSERVATION_FIELDS,
+                                     PROFILE_METRICS, CalibrationSet, Knowledge, KnowledgeError, calibration_rows,
+                                     calibration_set, check_keys, guarded, observation_rows, percentile, plain,
                                      reset_remedy)
 
 FILENAME = "knowledge.sqlite"
+MEMORY = ":memory:"  # as a path: a store that keeps nothing, where a degraded process goes on (of any backend)
 
 
 def default_path() -> Path:
@@ -124,22 +125,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 _BUMP = "UPDATE meta SET value = value + 1 WHERE key = 'learned_version'"
 TABLES = ("observations", "profiles", "calibration")  # what calm learned; `meta` is bookkeeping
 
-_BOOLEANS = {"observations": ("energy_estimated", "cache_hit"), "profiles": ("energy_estimated",)}
 # The SQLite storage classes a column of each declared type may hold (besides NULL), and their Python types.
 _STORAGE = {"INTEGER": ("integer", "real"), "REAL": ("integer", "real"), "TEXT": ("text",), "BLOB": ("blob",)}
 _PYTHON = {"integer": int, "real": float, "text": str, "blob": bytes}
 
 
 @functools.cache
-def schema_at(version: int) -> dict[str, dict[str, str]]:
+def schema_at(version: int, tables: tuple[str, ...] = TABLES) -> dict[str, dict[str, str]]:
     """Each table's columns and declared types as the first `version` MIGRATIONS make them: what a file of
-    that schema version must have."""
+    that schema version must have (and, translated, what a PostgreSQL knowledge base must)."""
     conn = sqlite3.connect(":memory:")
     try:
         for step in MIGRATIONS[:version]:
             for statement in step:
                 conn.execute(statement)
-        found = {t: {row[1]: row[2] for row in conn.execute(f"PRAGMA table_info({t})")} for t in TABLES}
+        found = {t: {row[1]: row[2] for row in conn.execute(f"PRAGMA table_info({t})")} for t in tables}
         return {t: columns for t, columns in found.items() if columns}
     finally:
         conn.close()
@@ -235,53 +235,18 @@ def start_over(path: Path | None = None) -> tuple[Path, str] | None:
     return backup, problem
 
 
-_T = TypeVar("_T")
-
-
-def _guarded(retry: bool = True) -> Callable[[Callable[..., _T]], Callable[..., _T]]:
-    """Every SQLite failure of a call becomes a KnowledgeError; in degraded mode (`on_degraded`) the call
-    switches to the in-memory store and, with `retry`, runs again there. A constraint violation
-    (IntegrityError) or misuse (ProgrammingError) is the caller's bad data, never the file's: it passes."""
-
-    def decorate(method: Callable[..., _T]) -> Callable[..., _T]:
-        @functools.wraps(method)
-        def call(self: SQLiteKnowledge, *args: Any, **kwargs: Any) -> _T:
-            with self._lock:
-                return guarded(self, *args, **kwargs)
-
-        def guarded(self: SQLiteKnowledge, *args: Any, **kwargs: Any) -> _T:
-            try:
-                return method(self, *args, **kwargs)
-            except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
-                raise
-            except sqlite3.DatabaseError as exc:
-                error = _sqlite_error(self.path, exc, self.busy_timeout_s)
-                error.__cause__ = exc
-            except KnowledgeError as exc:
-                error = exc
-            if self._on_degraded is None or self.degraded is not None:
-                raise error
-            self.close()
-            self._degrade(error)
-            if not retry:
-                raise error
-            return method(self, *args, **kwargs)
-
-        return call
-
-    return decorate
-
-
 class SQLiteKnowledge(Knowledge):
     """One process's connection to the knowledge base file; opening it creates or migrates the schema.
 
     Without `on_degraded` a file that cannot serve raises KnowledgeError (the `calm kb` commands, profile,
     bench); with it, the base degrades to memory instead (the serving commands; see the module docstring).
+    The path MEMORY opens a store in memory that keeps nothing: where a degraded handle goes on.
     """
 
-    def __init__(self, path: Path | None = None, *, on_degraded: Callable[[str], None] | None = None,
+    def __init__(self, path: Path | str | None = None, *, on_degraded: Callable[[str], None] | None = None,
                  busy_timeout_s: float = BUSY_TIMEOUT_S):
         self._lock = threading.RLock()
+        self.in_memory = path == MEMORY
         self.path = Path(path) if path is not None else default_path()
         self.busy_timeout_s = busy_timeout_s
         self.degraded: str | None = None  # why this process works on an in-memory store instead of the file
@@ -296,12 +261,16 @@ class SQLiteKnowledge(Knowledge):
 
     def _connect(self, target: Path | str) -> sqlite3.Connection:
         # Several threads of one process share the connection (the loop's workers, a server's handlers); every
-        # call holds self._lock (see _guarded), which is the serialisation check_same_thread would demand.
+        # call holds self._lock (see base.guarded), which is the serialisation check_same_thread would demand.
         conn = sqlite3.connect(target, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         return conn
 
     def _open_file(self) -> None:
+        if self.in_memory:
+            self._conn = self._connect(MEMORY)
+            self._migrate()
+            return
         if self.path.is_dir():
             raise KnowledgeError(self.path, "a directory is where the knowledge base file should be")
         try:
@@ -330,15 +299,15 @@ class SQLiteKnowledge(Knowledge):
             self._conn.close()
             raise
 
-    def _degrade(self, error: KnowledgeError) -> None:
-        """Go on in memory for the rest of the process: same schema, nothing kept."""
-        self.degraded, self._identity = str(error), None
-        self._conn = self._connect(":memory:")
-        self._migrate()
-        assert self._on_degraded is not None
-        self._on_degraded(f"calm: degraded mode, answering without keeping what is learned: {error}")
+    def _failure(self, exc: Exception) -> KnowledgeError | None:
+        """A constraint violation (IntegrityError) or misuse (ProgrammingError) is the caller's bad data, never
+        the file's: it passes; every other SQLite failure is the file's."""
+        if isinstance(exc, (sqlite3.IntegrityError, sqlite3.ProgrammingError)) or \
+                not isinstance(exc, sqlite3.DatabaseError):
+            return None
+        return _sqlite_error(self.path, exc, self.busy_timeout_s)
 
-    def close(self) -> None:
+    def _disconnect(self) -> None:
         with suppress(sqlite3.Error):  # closing a connection to a failing file may fail too; it is gone anyway
             self._conn.close()
 
@@ -449,7 +418,7 @@ class SQLiteKnowledge(Knowledge):
             error = _misfit(self.path, table, d)
             if error is not None:
                 raise error
-            for name in _BOOLEANS.get(table, ()):
+            for name in BOOLEANS.get(table, ()):
                 if d.get(name) is not None:
                     d[name] = bool(d[name])
             if "embedding" in d:
@@ -459,18 +428,16 @@ class SQLiteKnowledge(Knowledge):
 
     # -- observations (Monitor) ---------------------------------------------------------------------------
 
-    @_guarded()
+    @guarded()
     def record_many(self, observations: list[dict]) -> None:
         """Store many served requests in one transaction; nothing is stored if any of them is invalid."""
-        for obs in observations:
-            check_keys("observation", obs, OBSERVATION_REQUIRED, OBSERVATION_DEFAULTS)
-        rows = [{**OBSERVATION_DEFAULTS, **plain(obs)} for obs in observations]
+        rows = observation_rows(observations)
         sql = (f"INSERT INTO observations ({', '.join(OBSERVATION_FIELDS)}) "
                f"VALUES ({', '.join(':' + f for f in OBSERVATION_FIELDS)})")
         with self._write() as conn:
             conn.executemany(sql, rows)
 
-    @_guarded()
+    @guarded()
     def recent(self, model: str, window: int = 200, since_ts: float | None = None) -> list[dict]:
         """The latest `window` observations of `model` (at or after `since_ts`), newest first, errors included."""
         sql = f"SELECT {', '.join(OBSERVATION_FIELDS)} FROM observations WHERE model = ?"
@@ -483,7 +450,7 @@ class SQLiteKnowledge(Knowledge):
 
     # -- profiles (`calm profile`) ------------------------------------------------------------------------
 
-    @_guarded()
+    @guarded()
     def upsert_profile(self, model: str, precision: str, provider: str, **metrics: Any) -> None:
         """Create or update the profile of (model, precision, provider); metrics not given keep their value."""
         check_keys("profile", metrics, (), PROFILE_METRICS)
@@ -497,7 +464,7 @@ class SQLiteKnowledge(Knowledge):
                          [model, precision, provider, *row.values()])
             conn.execute(_BUMP)
 
-    @_guarded()
+    @guarded()
     def profile(self, model: str, precision: str | None = None, provider: str | None = None) -> dict | None:
         """The most recently updated profile of `model` matching the precision and provider given."""
         sql, args = "SELECT * FROM profiles WHERE model = ?", [model]
@@ -508,28 +475,17 @@ class SQLiteKnowledge(Knowledge):
         rows = self._rows("profiles", self._conn.execute(sql + " ORDER BY updated_at DESC LIMIT 1", args))
         return rows[0] if rows else None
 
-    @_guarded()
+    @guarded()
     def profiles(self) -> list[dict]:
         return self._rows("profiles", self._conn.execute("SELECT * FROM profiles ORDER BY model, precision, provider"))
 
     # -- calibration (quality per item, per model) --------------------------------------------------------
 
-    @_guarded()
+    @guarded()
     def add_calibration(self, rows: list[dict]) -> None:
         """Store calibration results in one transaction; a row for an existing (model, task, item_id) replaces it."""
-        now = time.time()
-        clean = []
-        for row in rows:
-            check_keys("calibration row", row, CALIBRATION_REQUIRED, CALIBRATION_DEFAULTS)
-            r = {**CALIBRATION_DEFAULTS, **plain(row)}
-            embedding = np.asarray(r["embedding"], dtype=EMBEDDING)
-            if embedding.ndim != 1 or embedding.size == 0:
-                raise ValueError(f"calibration row {r['model']}/{r['task']}/{r['item_id']}: embedding must be "
-                                 f"a non-empty vector, got shape {embedding.shape}")
-            clean.append({**r, "item_id": str(r["item_id"]), "embedding": embedding.tobytes(),
-                          "dim": embedding.size, "ts": now if r["ts"] is None else r["ts"]})
-        cols = (*CALIBRATION_REQUIRED, *CALIBRATION_DEFAULTS, "dim")
-        keys = ("model", "task", "item_id")
+        clean = calibration_rows(rows, time.time())
+        cols, keys = CALIBRATION_COLUMNS, ("model", "task", "item_id")
         sql = (f"INSERT INTO calibration ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)}) "
                f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET "
                f"{', '.join(f'{c} = excluded.{c}' for c in cols if c not in keys)}")
@@ -537,7 +493,7 @@ class SQLiteKnowledge(Knowledge):
             conn.executemany(sql, clean)
             conn.execute(_BUMP)
 
-    @_guarded()
+    @guarded()
     def calibration(self, models: list[str] | None = None) -> CalibrationSet:
         """Calibration of `models` (all when None) as an item x model matrix; items are sorted by (task, item_id).
 
@@ -554,7 +510,7 @@ class SQLiteKnowledge(Knowledge):
                                  f"re-run `calm profile` with one encoder, or {reset_remedy(self.path)}")
         return found
 
-    @_guarded()
+    @guarded()
     def domain_quality(self) -> dict[tuple[str, str | None], tuple[float, int]]:
         """(model, domain) -> (mean calibration score, number of items): the Analyze step's quality prior."""
         with self._snapshot() as conn:
@@ -562,13 +518,13 @@ class SQLiteKnowledge(Knowledge):
             rows = conn.execute("SELECT model, domain, avg(score), count(*) FROM calibration GROUP BY model, domain")
             return {(m, d): (float(mean), int(n)) for m, d, mean, n in rows}
 
-    @_guarded()
+    @guarded()
     def learned_version(self) -> int:
         return int(self._conn.execute("SELECT value FROM meta WHERE key = 'learned_version'").fetchone()[0])
 
     # -- maintenance (`calm kb ...`) ----------------------------------------------------------------------
 
-    @_guarded()
+    @guarded()
     def stats(self) -> dict:
         """Counts and per-model summaries; latency percentiles and mean energy count successful requests only.
 
@@ -593,8 +549,8 @@ class SQLiteKnowledge(Knowledge):
         return {
             "path": str(self.path),
             "schema_version": version,
-            "file_bytes": self.path.stat().st_size,
-            "wal_bytes": wal.stat().st_size if wal.exists() else 0,
+            "file_bytes": 0 if self.in_memory else self.path.stat().st_size,
+            "wal_bytes": wal.stat().st_size if not self.in_memory and wal.exists() else 0,
             "rows": counts,
             "first_ts": first,
             "last_ts": last,
@@ -611,7 +567,7 @@ class SQLiteKnowledge(Knowledge):
             },
         }
 
-    @_guarded(retry=False)  # rows already written would be written twice
+    @guarded(retry=False)  # rows already written would be written twice
     def export(self, fh: TextIO) -> int:
         """Write every row of every table as JSON Lines (a "table" field names it); returns the rows written."""
         n = 0
@@ -625,7 +581,7 @@ class SQLiteKnowledge(Knowledge):
                     n += 1
         return n
 
-    @_guarded()
+    @guarded()
     def reset(self) -> None:
         """Delete every row of every table; the schema stays. A damaged file is refused (KnowledgeError), not
         emptied: its damage would stay in the freed pages."""
