@@ -277,21 +277,21 @@ PARTS = ("batching", "arrivals", "http", "remote")
 
 def remote_overhead(fresh: Fresh, member: str, n: int, log: Callable[[str], None]) -> dict:
     """The same short requests to `member` in the router's process and through a remote member that a
-    `calm serve` on loopback answers with that same model, alternated and paired: what the network, the HTTP
-    stream and its parsing add per request."""
+    `calm serve` process on loopback answers with that same model, alternated and paired: what the network, the
+    HTTP stream and its parsing add per request."""
     import dataclasses
+    import os
+    import subprocess
+    import sys
 
-    import uvicorn
+    import httpx
 
-    from calm_cli.front.http import Server, create_app
     from calm_cli.policy import MemberPolicy
 
-    served = fresh((member,))
     port = _free_port()
-    uv = uvicorn.Server(uvicorn.Config(create_app(Server(lambda: served, api_key="", max_body=1 << 20)),
-                                       host="127.0.0.1", port=port, log_level="warning", access_log=False))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
+    env = os.environ | {"CALM_DATA_DIR": str(fresh.tmp / "remote-server")}
+    server = subprocess.Popen([sys.executable, "-m", "calm_cli", "serve", "--port", str(port), "--policy",
+                               fresh.policy.source], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     remote = f"{member}-remote"
     config = MemberPolicy(remote, f"{member} answered by calm serve on loopback",
                           endpoint={"url": f"http://127.0.0.1:{port}/v1", "model": member})
@@ -301,8 +301,13 @@ def remote_overhead(fresh: Fresh, member: str, n: int, log: Callable[[str], None
     local: list[float] = []
     over: list[float] = []
     try:
-        while not uv.started:
-            time.sleep(0.05)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
         calm = router((member, remote))
         try:
             for i in range(n):
@@ -316,15 +321,14 @@ def remote_overhead(fresh: Fresh, member: str, n: int, log: Callable[[str], None
         finally:
             calm.close()
     finally:
-        uv.should_exit = True
-        thread.join(60)
+        server.terminate()
+        server.wait(120)
     added = [r - loc for r, loc in zip(over, local)]
     out = {"member": member, "requests": n, "local_p50_ms": round(float(np.median(local)), 2),
            "remote_p50_ms": round(float(np.median(over)), 2),
            "added_p50_ms": [round(x, 2) for x in bootstrap(added)]}
     log(f"bench serve: remote member overhead: {out}")
     return out
-
 
 
 def run(policy: Policy, store: Store, kb_source: Path, *, member: str, n_batch: int, tokens: int, repeats: int,
