@@ -678,3 +678,25 @@ def test_route_records_into_postgresql_and_degrades_when_it_is_down(pg_url: str,
     assert record["error"] is None and record["knowledge"].startswith(f"degraded: {postgres.masked(down)}: ")
     assert PASSWORD not in stderr + alone.stdout.decode()
     assert sum("degraded mode" in line for line in stderr.splitlines()) == 1
+
+
+def test_two_calm_serve_routers_share_what_they_learn(pg_url: str, tiny_env: dict) -> None:
+    """Two `calm serve` routers on one PostgreSQL knowledge base: what router A observed about a member is in
+    router B's predictions for it before B has run it once."""
+    from test_http import start
+
+    env = tiny_env | {"CALM_KB_URL": pg_url}
+    a, b = start(env), start(env)
+    try:
+        for i in range(3):
+            reply = a.client().chat.completions.create(model="gemma3-270m", max_tokens=4,
+                                                       messages=[{"role": "user", "content": f"Hello {i}"}])
+            assert reply.model == "gemma3-270m"
+        routed = b.client().chat.completions.create(model="calm", max_tokens=4,
+                                                    messages=[{"role": "user", "content": "Hello again"}])
+        candidates = {c["model"]: c for c in routed.model_extra["calm"]["routing"]["candidates"]}
+        assert candidates["gemma3-270m"]["latency_ms"] is not None  # predicted from A's three runs
+        never = [m for m, c in candidates.items() if m not in ("gemma3-270m", routed.model)]
+        assert all(candidates[m]["latency_ms"] is None for m in never)  # nobody ran these: nothing to share
+    finally:
+        assert a.stop() == 0 and b.stop() == 0
