@@ -187,3 +187,86 @@ def test_malformed_and_error_replies_are_member_failures() -> None:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def _llama_server(gguf: Path, port: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias",
+                             "smollm2", "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
+                             "--n_threads", "1", "--verbose", "false"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def _wait_models(port: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.3)
+    raise AssertionError("the llama.cpp server was not ready within 180 s")
+
+
+@pytest.mark.fleet
+def test_a_real_llama_cpp_server_as_a_remote_member(gguf_file, fleet_store, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp's OpenAI-compatible server (llama-cpp-python[server], the engine bench's reference) serves the
+    pinned SmolLM2 GGUF as a remote member beside the real local members: a routed-and-forced answer with
+    logprob confidence, streaming, fallback while it is down and traffic back when it returns."""
+    import os
+
+    if not _has("llama_cpp.server"):
+        if os.environ.get("CI") == "true":
+            pytest.fail("llama-cpp-python[server] is missing: `make bench-setup` installs it")
+        pytest.skip("llama-cpp-python[server] is not installed here: `make bench-setup` installs it")
+    monkeypatch.setenv("CALM_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(remote, "COOLDOWN_S", 1.0)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    data = yaml.safe_load(remote_policy(tmp_path, url, first=True).read_text())
+    data["fleet"][0]["endpoint"]["model"] = "smollm2"
+    path = tmp_path / "llama.yaml"
+    path.write_text(yaml.safe_dump(data))
+    server = _llama_server(gguf_file("smollm2-135m"), port)
+    calm = assemble(policy_mod.load(path), fleet_store, open_knowledge(tmp_path / "kb.sqlite"))
+    try:
+        _wait_models(port, server)
+        pieces: list[str] = []
+        record = calm.answer({"id": 1, "query": "What is 2 + 2?", "model": "smol-remote", "max_tokens": 16,
+                              "temperature": 0}, on_text=pieces.append)
+        assert record["error"] is None and record["model"] == "smol-remote", record
+        assert "4" in record["answer"] and "".join(pieces) == record["answer"]
+        m = record["metrics"]
+        assert m["provider"] == f"remote:{url}" and m["tokens_out"] > 0 and m["ttft_ms"] <= m["latency_ms"]
+        assert m["confidence"] is not None and 0 < m["confidence"] <= 1  # from the server's logprobs
+        # The policy's 40 W x the member's own wall time (the record's latency adds routing and hand-offs).
+        assert 0.85 * 40 * m["latency_ms"] / 1000 <= m["energy_j"] <= 40 * m["latency_ms"] / 1000
+        request = {"id": "x", "query": "Hello there!", "max_tokens": 4}
+
+        def first():
+            return calm.executor.first(["smol-remote", "smollm2-135m"], chat_job(request, None), lambda m: False,
+                                       request_id="x", domain=None, started=time.perf_counter())
+
+        server.terminate()
+        server.wait(60)
+        for _ in range(remote.FAILURES_TO_OPEN + 1):
+            got = first()
+            assert got.run.model == "smollm2-135m" and got.fallback_from == "smol-remote"
+        server = _llama_server(gguf_file("smollm2-135m"), port)
+        _wait_models(port, server)
+        time.sleep(remote.COOLDOWN_S)
+        assert first().run.model == "smol-remote"
+    finally:
+        calm.close()
+        server.terminate()
+        server.wait(60)
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False

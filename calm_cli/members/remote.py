@@ -106,7 +106,9 @@ class RemoteMember(Member):
     def _body(self, ask: Ask) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.remote_model, "messages": [{"role": "user", "content": ask.query}],
                                 "max_tokens": ask.max_tokens, "temperature": ask.sampling.temperature,
-                                "stream": True, "stream_options": {"include_usage": True}, "logprobs": True}
+                                "stream": True, "stream_options": {"include_usage": True},
+                                # llama.cpp's server sends the chosen tokens' logprobs only with top_logprobs set
+                                "logprobs": True, "top_logprobs": 1}
         if ask.sampling.top_p < 1.0:
             body["top_p"] = ask.sampling.top_p
         if ask.sampling.seed is not None:
