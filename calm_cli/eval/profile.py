@@ -19,6 +19,7 @@ from calm_cli.engine.complete import complete
 from calm_cli.engine.decoder import Decoder
 from calm_cli.engine.embed import Encoder
 from calm_cli.engine.prompt import render
+from calm_cli.errors import UsageError
 from calm_cli.eval import evaluate, tasks
 from calm_cli.fleet import lock
 from calm_cli.fleet.lock import ModelSpec
@@ -107,7 +108,13 @@ def calibrate(policy: Policy, store: Store, knowledge: Knowledge, names: list[st
     """`calm profile`: measure `names` (default: every member of the policy) on `limit` calibration items per
     task and store what was learned. `progress(label, total)` gives the step to call once per item."""
     precision = str(settings.get("precision"))
-    specs = lock.select(lock.load(), names or [m.model for m in policy.members])
+    remote = [m.model for m in policy.members if m.endpoint]
+    if set(names) & set(remote):
+        raise UsageError(f"remote members are not calibrated by calm profile yet: {', '.join(sorted(set(names) & set(remote)))}"
+                         " (they are routed by semantic fit and their own observations)")
+    if remote and not names:
+        log(f"profile: skipping remote member(s) {', '.join(remote)}: not calibrated by calm profile yet")
+    specs = lock.select(lock.load(), names or [m.model for m in policy.members if not m.endpoint])
     encoder = Encoder(catalog.encoder_dir(store, policy.encoder))
     missing = [s.name for s in specs if precision not in store.exports(s.name)]
     if missing:
