@@ -58,8 +58,10 @@ class Served:
         return self.proc.returncode
 
 
-def start(env: dict, key: str | None = None, policy: str = "default.yaml", extra: dict | None = None) -> Served:
-    port = free_port()
+def start(env: dict, key: str | None = None, policy: str = "default.yaml", extra: dict | None = None,
+          port: int | None = None) -> Served:
+    """`calm serve` on loopback (a shipped policy's name, or a path), once /health says it is ready."""
+    port = port or free_port()
     env = {**env, **(extra or {})}
     if key:
         env["CALM_API_KEY"] = key
@@ -367,18 +369,8 @@ def test_a_real_answer_from_smollm2_through_the_openai_client(fleet_store, tmp_p
     policy = tmp_path / "smol.yaml"
     policy.write_text(yaml.safe_dump(data))
     env = {k: v for k, v in os.environ.items() if k != "CALM_API_KEY"} | {"CALM_DATA_DIR": str(tmp_path / "data")}
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "calm_cli", "serve", "--port", str(port), "--policy", str(policy)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    served = Served(proc, port, None)
+    served = start(env, policy=str(policy))
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(served.base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
         client = served.client(timeout=300)
         ask = dict(model="calm", temperature=0, messages=[{"role": "user", "content": "What is 2 + 2?"}])
         whole = client.chat.completions.create(**ask)

@@ -129,18 +129,8 @@ def test_a_dead_server_falls_back_opens_the_breaker_and_recovers(tiny_env: dict,
         errors = [r for r in calm.kb.recent("smol-remote") if r["error_code"]]
         assert len(errors) == remote.FAILURES_TO_OPEN + 1  # Analyze counts each against the member
         # The server comes up on that port; after the cooldown one request probes and closes the breaker.
-        server = subprocess.Popen([sys.executable, "-m", "calm_cli", "serve", "--port", str(port), "--policy",
-                                   str(POLICIES / "default.yaml")], env=tiny_env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE)
-        served = Served(server, port, None)
+        served = start(tiny_env, port=port)
         try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(served.base + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.2)
             time.sleep(remote.COOLDOWN_S)
             got = first()
             assert got.run.model == "smol-remote" and got.fallback_from is None

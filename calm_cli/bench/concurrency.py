@@ -229,14 +229,7 @@ def http_overhead(fresh: Fresh, member: str, n: int, log: Callable[[str], None])
     direct, http = [], []
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{sock_port}", timeout=120) as client:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                try:
-                    if client.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.05)
+            _wait_healthy(f"http://127.0.0.1:{sock_port}", lambda: thread.is_alive())
             body = {"model": member, "max_tokens": 4, "temperature": 0}
             for i in range(n):
                 question = EVERYDAY[i % len(EVERYDAY)]
@@ -264,6 +257,21 @@ def http_overhead(fresh: Fresh, member: str, n: int, log: Callable[[str], None])
     return out
 
 
+def _wait_healthy(base: str, alive: Callable[[], bool], seconds: float = 300) -> None:
+    """Until `calm serve` at `base` says it is ready; RuntimeError when it died or never did."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and alive():
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"calm serve at {base} was not ready")
+
+
 def _free_port() -> int:
     import socket
 
@@ -284,8 +292,6 @@ def remote_overhead(fresh: Fresh, member: str, n: int, log: Callable[[str], None
     import subprocess
     import sys
 
-    import httpx
-
     from calm_cli.policy import MemberPolicy
 
     port = _free_port()
@@ -301,13 +307,7 @@ def remote_overhead(fresh: Fresh, member: str, n: int, log: Callable[[str], None
     local: list[float] = []
     over: list[float] = []
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        _wait_healthy(f"http://127.0.0.1:{port}", lambda: server.poll() is None)
         calm = router((member, remote))
         try:
             for i in range(n):
