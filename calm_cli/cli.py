@@ -603,6 +603,27 @@ def bench_serve(policy_path: str | None, member: str, n_batch: int, tokens: int,
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
+@bench.command("speculate")
+@click.option("--model", "member", default="qwen2.5-coder-1.5b", show_default=True)
+@click.option("--n", type=click.IntRange(1, 164), default=8, show_default=True, help="HumanEval prompts.")
+@click.option("--tokens", type=click.IntRange(2, 2048), default=96, show_default=True)
+@click.option("--k", type=click.IntRange(1, 16), default=4, show_default=True, help="Draft tokens per check.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here.")
+def bench_speculate(member: str, n: int, tokens: int, k: int, json_path: str | None) -> None:
+    """Prompt-lookup speculative decoding against plain greedy decoding, side by side on HumanEval prompts."""
+    from calm_cli.bench import speculate
+
+    spec = _specs((member,))[0]
+    result = speculate.run(spec, _store(), str(settings.get("precision")), n, tokens, k, _echo_err)
+    headers = ["item", "plain_s", "speculative_s", "speedup", "tokens", "acceptance", "steps", "diverged_at"]
+    click.echo(tabulate([[r[h] for h in headers] for r in result["rows"]], headers=headers))
+    mean, lo, hi = result["speedup"]
+    click.echo(f"{result['model']}: speculative {mean:.2f}x plain greedy (mean over {len(result['rows'])} prompts; "
+               f"95% interval {lo:.2f}-{hi:.2f}); identical output on {result['identical']}/{len(result['rows'])}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
 @bench.command("engine")
 @click.option("--models", default="smollm2-135m,gemma3-270m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b",
               callback=_csv(str), show_default=True)

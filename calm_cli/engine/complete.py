@@ -13,6 +13,7 @@ import numpy as np
 from calm_cli.engine.decode import Step, generate
 from calm_cli.engine.decoder import Decoder
 from calm_cli.engine.sampling import Sampling
+from calm_cli.engine.speculate import speculative_steps
 from calm_cli.engine.textstream import TextStream
 
 
@@ -50,8 +51,9 @@ class Completion:
 
 def complete(decoder: Decoder, prompt: str, max_new_tokens: int, sampling: Sampling = Sampling(),
              stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None,
-             truncate: bool = False) -> Completion:
-    """Answer `prompt`, streaming text to `on_text` as it is produced, and measure the work."""
+             truncate: bool = False, speculate: int = 0) -> Completion:
+    """Answer `prompt`, streaming text to `on_text` as it is produced, and measure the work. `speculate` > 0:
+    greedy answers on the fused graph check that many prompt-lookup draft tokens per step (engine/speculate.py)."""
     decoder.meter.start()
     started = time.perf_counter()
     ids = decoder.fit(decoder.encode(prompt), max_new_tokens, truncate)
@@ -65,7 +67,9 @@ def complete(decoder: Decoder, prompt: str, max_new_tokens: int, sampling: Sampl
         if on_text:
             on_text(piece)
 
-    for step in generate(decoder, ids, max_new_tokens, sampling):
+    steps_of = speculative_steps(decoder, ids, max_new_tokens, speculate) \
+        if speculate and sampling.greedy and decoder.fused else generate(decoder, ids, max_new_tokens, sampling)
+    for step in steps_of:
         if first is None:
             first = time.perf_counter()
         steps.append(step)

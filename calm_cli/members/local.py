@@ -57,7 +57,8 @@ class LocalMember(Member):
     def generate(self, session: object, ask: Ask) -> Run:
         assert isinstance(session, Decoder)
         done = complete(session, render(self.spec.prompt, ask.query), ask.max_tokens, ask.sampling,
-                        [*stop_strings(self.spec.prompt), *ask.stop], on_text=ask.on_text)
+                        [*stop_strings(self.spec.prompt), *ask.stop], on_text=ask.on_text,
+                        speculate=int(settings.get("speculate")))
         return self.run_of(session, done)
 
     def batch(self, session: object) -> DecodeBatch | None:
