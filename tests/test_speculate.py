@@ -59,3 +59,21 @@ def test_speculative_greedy_equals_greedy(decoder) -> None:
         assert got.steps <= len(got.tokens)
     assert kept > 0  # the drafts did save model runs
     assert near_ties <= 1
+
+
+def test_bench_speculate_on_the_tiny_fleet(tiny_env: dict, tmp_path) -> None:
+    """`calm bench speculate` runs both ways on the same prompts and reports the ratio with its interval."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "spec.json"
+    result = subprocess.run([sys.executable, "-m", "calm_cli", "bench", "speculate", "--model", "smollm2-135m",
+                             "--n", "2", "--tokens", "8", "--json", str(out)], env=tiny_env, capture_output=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    got = json.loads(out.read_text())
+    mean, lo, hi = got["speedup"]
+    assert len(got["rows"]) == 2 and lo <= mean <= hi and 0 <= got["identical"] <= 2
+    assert all(r["steps"] <= r["tokens"] for r in got["rows"])
+    assert b"speculative" in result.stdout
