@@ -34,7 +34,8 @@ from calm_cli.front.metrics import Metrics
 from calm_cli.loop.calm import Calm
 from calm_cli.loop.execute.scheduler import Cancel
 
-ROUTE_NAMES = ("calm", "auto")  # model names that mean: let calm route it
+ROUTE_NAMES = ("calm", "auto")
+FAILED = {"error": {"code": "internal", "message": "the answer failed"}, "model": None}  # the thread raised  # model names that mean: let calm route it
 STATUS = {"bad_request": 400, "bad_json": 400, "bad_utf8": 400, "prompt_too_long": 400, "too_large": 413,
           "queue_full": 429, "model_failed": 502, "unavailable": 503, "timeout": 504, "internal": 500}
 
@@ -137,6 +138,7 @@ class Server:
         self.failed: str | None = None
         self.metrics = Metrics(lambda: self.calm.stats() if self.calm else None)
         self.in_hand = 0
+        self.metrics.in_flight.set_function(lambda: self.in_hand)
         self.lock = threading.Lock()
         self.pool: ThreadPoolExecutor | None = None
 
@@ -247,7 +249,6 @@ class Server:
             return error_response(exc.status, exc.code, exc.message, exc.param, exc.headers)
         except ClientDisconnect:
             return Response(status_code=499)
-        self.metrics.in_flight.inc()
         try:
             if body.get("stream"):
                 return await self._stream(request, calm, req, kind, endpoint,
@@ -260,7 +261,6 @@ class Server:
     def _done(self) -> None:
         with self.lock:
             self.in_hand -= 1
-        self.metrics.in_flight.dec()
 
     def _submit(self, calm: Calm, req: dict, cancel: Cancel, on_text: Callable[[str], None] | None = None,
                 on_final: Callable[[str], None] | None = None) -> asyncio.Future:
@@ -315,7 +315,7 @@ class Server:
                 record = value
         if record is not None and (record.get("error") if record else True):
             self._done()
-            record = record or {"error": {"code": "internal", "message": "the answer failed"}, "model": None}
+            record = record or FAILED
             self.metrics.observe(endpoint, record)
             error = record["error"]
             return error_response(STATUS.get(error["code"], 500), error["code"], error["message"], None,
@@ -324,8 +324,10 @@ class Server:
         created, model = int(time.time()), headers.get("x-calm-model", "calm")
 
         def chunk(delta: str | None, finish: str | None = None, extra: dict | None = None,
-                  first: bool = False) -> str:
-            if kind == "chat":
+                  first: bool = False, no_choice: bool = False) -> str:
+            if no_choice:  # stream_options.include_usage's last chunk: usage and no choice
+                choice, obj = None, "chat.completion.chunk" if kind == "chat" else "text_completion"
+            elif kind == "chat":
                 d: dict[str, Any] = {"role": "assistant", "content": ""} if first else \
                     ({"content": delta} if delta is not None else {})
                 choice: dict[str, Any] = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
@@ -333,7 +335,8 @@ class Server:
             else:
                 choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
                 obj = "text_completion"
-            body = {"id": req["id"], "object": obj, "created": created, "model": model, "choices": [choice]}
+            body = {"id": req["id"], "object": obj, "created": created, "model": model,
+                    "choices": [] if choice is None else [choice]}
             return f"data: {json.dumps(body | (extra or {}), ensure_ascii=False)}\n\n"
 
         async def sse() -> AsyncIterator[str]:
@@ -350,7 +353,7 @@ class Server:
                         yield chunk(value)
                     elif what == "record":
                         final = value
-                final = final or {"error": {"code": "internal", "message": "the answer failed"}, "model": None}
+                final = final or FAILED
                 self.metrics.observe(endpoint, final)
                 if final["error"]:  # failed after the stream began: say so in-band, as OpenAI does
                     yield f"data: {json.dumps({'error': final['error'] | {'type': 'server_error'}})}\n\n"
@@ -358,7 +361,7 @@ class Server:
                     extra = {"usage": usage(final), "calm": final}
                     yield chunk(None, finish_reason(final), extra)
                     if include_usage:
-                        yield (f"data: {json.dumps({'id': req['id'], 'object': 'chat.completion.chunk' if kind == 'chat' else 'text_completion', 'created': created, 'model': model, 'choices': [], 'usage': usage(final)})}\n\n")
+                        yield chunk(None, extra={"usage": usage(final)}, no_choice=True)
                 yield "data: [DONE]\n\n"
                 finished = True
             finally:

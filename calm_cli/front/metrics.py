@@ -56,7 +56,7 @@ class LoopCollector(Collector):
 
 
 class Metrics:
-    """The server's metrics: `observe` each record, `in_flight` around each request."""
+    """The server's metrics: `observe` each record; `in_flight` reads the front's own count (set_function)."""
 
     def __init__(self, state: Callable[[], dict[str, Any] | None]):
         disable_created_metrics()  # no *_created series: a server's start time is not worth a series per label set
