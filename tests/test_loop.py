@@ -206,3 +206,34 @@ def test_a_new_calibration_is_seen_without_a_restart(parts) -> None:
                               "embedding": embed(["code"])[0]} for m in ("coder", "talker")])
     record = calm.answer({"id": 1, "query": "code"})
     assert record["routing"]["candidates"][0]["quality"] == 1.0
+
+
+def test_loads_run_one_at_a_time() -> None:
+    """A load's memory is measured as the process's growth while it runs: two loads never overlap, even when
+    two workers start them together."""
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    class Slow(Scripted):
+        def load(self) -> object:
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(0.2)
+            with lock:
+                running[0] -= 1
+            return super().load()
+
+    members = {"a": Slow("a", "chat"), "b": Slow("b", "code")}
+    cache = MemberCache({"budget_mb": 1000, "max_loaded": 4, "eviction": "lru", "prefetch": True},
+                        memory_of=lambda n, h: 100.0, estimate_mb=lambda n: 100.0, load_cost_ms=lambda n: 10.0)
+    driver = Driver(members, cache, discipline="fifo", concurrency=2)
+    try:
+        driver.prefetch("a")
+        driver.prefetch("b")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(cache.state()["loaded"]) < 2:
+            time.sleep(0.02)
+        assert {m["model"] for m in cache.state()["loaded"]} == {"a", "b"} and most[0] == 1
+    finally:
+        driver.shutdown()

@@ -413,6 +413,9 @@ class Driver:
                                            thread_name_prefix="calm-remote")
         self._decoding: dict[str, dict[int, Ticket]] = {}  # member -> its batch's tickets (its step's own)
         self._gate = threading.Lock()  # a submit is posted before the shutdown event, or refused
+        # One load at a time: a load's memory is the process's growth while it runs (and its batch's KV buffers
+        # are made), which a parallel load would inflate.
+        self._one_load = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="calm-loop", daemon=True)
         self._thread.start()
@@ -499,8 +502,9 @@ class Driver:
         started = time.perf_counter()
         failure: MemberFailure
         try:
-            session = member.load()
-            handle = Handle(session, member.batch(session), member.parallel)
+            with self._one_load:
+                session = member.load()
+                handle = Handle(session, member.batch(session), member.parallel)
         except MemberFailure as exc:
             failure = exc
         except MemoryError as exc:
