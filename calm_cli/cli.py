@@ -604,22 +604,58 @@ def bench_serve(policy_path: str | None, member: str, n_batch: int, tokens: int,
 
 
 @bench.command("speculate")
-@click.option("--model", "member", default="qwen2.5-coder-1.5b", show_default=True)
-@click.option("--n", type=click.IntRange(1, 164), default=8, show_default=True, help="HumanEval prompts.")
+@click.option("--model", "member", default="qwen2.5-coder-1.5b", show_default=True,
+              help="The member that decodes (and, in part escalate, verifies).")
+@click.option("--parts", default="drafts,escalate", callback=_csv(str), show_default=True,
+              help="drafts: plain greedy vs prompt lookup (and --draft); escalate: verification vs answering alone.")
+@click.option("--draft", "draft", default=None, help="A draft model with the member's tokenizer (part drafts).")
+@click.option("--first", "firsts", default="smollm2-135m,qwen2.5-coder-0.5b", callback=_csv(str), show_default=True,
+              help="Members whose answers the model verifies (part escalate).")
+@click.option("--n", type=click.IntRange(1, 164), default=8, show_default=True,
+              help="Code prompts (HumanEval) and as many prose questions.")
 @click.option("--tokens", type=click.IntRange(2, 2048), default=96, show_default=True)
-@click.option("--k", type=click.IntRange(1, 16), default=4, show_default=True, help="Draft tokens per check.")
+@click.option("--k", default="4", show_default=True, help="Draft tokens per check: 1-16, or adaptive.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here.")
-def bench_speculate(member: str, n: int, tokens: int, k: int, json_path: str | None) -> None:
-    """Prompt-lookup speculative decoding against plain greedy decoding, side by side on HumanEval prompts."""
+def bench_speculate(member: str, parts: list[str], draft: str | None, firsts: list[str], n: int, tokens: int,
+                    k: str, json_path: str | None) -> None:
+    """Speculative decoding and escalation by verification against plain decoding, side by side."""
     from calm_cli.bench import speculate
 
+    unknown = set(parts) - set(speculate.PARTS)
+    if unknown or not parts:
+        _fail(f"--parts takes {', '.join(speculate.PARTS)}, not {', '.join(sorted(unknown)) or 'nothing'}",
+              EXIT_USAGE)
+    if k != "adaptive" and not (k.isdigit() and 1 <= int(k) <= 16):
+        _fail(f"--k takes 1-16 or adaptive, not {k!r}", EXIT_USAGE)
+    adaptive, k_start = k == "adaptive", 4 if k == "adaptive" else int(k)
     spec = _specs((member,))[0]
-    result = speculate.run(spec, _store(), str(settings.get("precision")), n, tokens, k, _echo_err)
-    headers = ["item", "plain_s", "speculative_s", "speedup", "tokens", "acceptance", "steps", "diverged_at"]
-    click.echo(tabulate([[r[h] for h in headers] for r in result["rows"]], headers=headers))
-    mean, lo, hi = result["speedup"]
-    click.echo(f"{result['model']}: speculative {mean:.2f}x plain greedy (mean over {len(result['rows'])} prompts; "
-               f"95% interval {lo:.2f}-{hi:.2f}); identical output on {result['identical']}/{len(result['rows'])}")
+    precision = str(settings.get("precision"))
+    result: dict = {}
+    if "drafts" in parts:
+        drafted = _specs((draft,))[0] if draft else None
+        result["drafts"] = out = speculate.run_drafts(spec, _store(), precision, n, tokens, k_start, adaptive,
+                                                      drafted, _echo_err)
+        headers = ["item", "kind", "tokens", "plain_s"] + [f"{w}_{c}" for w in out["drafts"]
+                                                            for c in ("speedup", "acceptance", "diverged_at")]
+        click.echo(tabulate([[r[h] for h in headers] for r in out["rows"]], headers=headers))
+        for way, kinds in out["speedup"].items():
+            for kind, (mean, lo, hi, count) in kinds.items():
+                click.echo(f"{spec.name} with {way} drafts ({out['k']}), {kind}: {mean:.2f}x plain greedy (mean of "
+                           f"{count} prompts; 95% interval {lo:.2f}-{hi:.2f})")
+            click.echo(f"  the served greedy tokens on {out['identical'][way]}/{len(out['rows'])} "
+                       f"(plain one-row greedy: {out['identical']['plain']}/{len(out['rows'])})")
+    if "escalate" in parts:
+        result["escalate"] = out = speculate.run_escalate(spec, _specs(tuple(firsts)), _store(), precision, n,
+                                                          tokens, k_start, _echo_err)
+        headers = ["item", "kind", "tokens", "alone_s"] + [f"{w}_{c}" for w in out["ratio"]
+                                                            for c in ("ratio", "kept", "same")]
+        click.echo(tabulate([[r[h] for h in headers] for r in out["rows"]], headers=headers))
+        for way, kinds in out["ratio"].items():
+            for kind, (median, lo, hi, count) in kinds.items():
+                click.echo(f"{spec.name} {way}, {kind}: {median:.2f}x the time of answering alone (median of "
+                           f"{count}; 95% interval {lo:.2f}-{hi:.2f})")
+            click.echo(f"  the served greedy answer on {out['same'][way]}/{len(out['rows'])} "
+                       f"(answering alone one row per step: {out['same']['alone']}/{len(out['rows'])})")
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 

@@ -23,6 +23,13 @@ class MemberPolicy:
     max_tokens: int = 256
     temperature: float = 0.0
     endpoint: dict | None = field(default=None, compare=False)  # a remote member's server (schemas: endpoint)
+    draft: str | None = None  # prompt-lookup, none or a fleet member (schemas: draft); None: CALM_SPECULATE's default
+    draft_tokens: int | str | None = None  # a number or "adaptive"; None: CALM_SPECULATE
+
+    @property
+    def draft_model(self) -> str | None:
+        """The fleet member that drafts for this one, if a model does."""
+        return self.draft if self.draft not in (None, "prompt-lookup", "none") else None
 
 
 @dataclass(frozen=True)
@@ -45,7 +52,12 @@ class Policy:
         if not e.get("enabled"):
             return None
         return MemberPolicy(e["model"], e.get("description", "the larger model"), max_tokens=e.get("max_tokens", 256),
-                            endpoint=e.get("endpoint"))
+                            endpoint=e.get("endpoint"), draft=e.get("draft"), draft_tokens=e.get("draft_tokens"))
+
+    @property
+    def verifies(self) -> bool:
+        """Escalation checks the first answer and continues from the first disagreement (mode verify)."""
+        return self.escalation.get("mode", "verify") == "verify"
 
     @property
     def members(self) -> tuple[MemberPolicy, ...]:
@@ -80,6 +92,23 @@ def _cross_checks(data: dict, source: str, models: dict[str, lock.ModelSpec]) ->
                    "models.lock")
     elif esc.get("enabled") and "endpoint" not in esc and esc.get("model") not in models:
         out.append(f"{source}: escalation.model: {esc.get('model')!r} is not in models.lock")
+    local = {m["model"] for m in data["fleet"] if "endpoint" not in m}
+    entries = [(f"fleet[{i}]", m) for i, m in enumerate(data["fleet"])]
+    entries += [("escalation", esc)] if esc.get("enabled") else []
+    for where, entry in entries:
+        draft = entry.get("draft")
+        if draft in (None, "prompt-lookup", "none"):
+            continue
+        if "endpoint" in entry:
+            out.append(f"{source}: {where}.draft: a remote member decodes on its own server: no draft here")
+        elif draft == entry.get("model"):
+            out.append(f"{source}: {where}.draft: {draft!r} is the member itself")
+        elif draft not in local:
+            out.append(f"{source}: {where}.draft: {draft!r} is not prompt-lookup, none or a local fleet member of "
+                       f"this policy ({', '.join(sorted(local))})")
+        elif entry.get("model") in models and models[draft].architecture != models[entry["model"]].architecture:
+            out.append(f"{source}: {where}.draft: {draft!r} ({models[draft].architecture}) is another family "
+                       f"than {entry['model']} ({models[entry['model']].architecture}): drafts need the same tokenizer")
     runnable = set(fleet_names) | ({esc.get("model")} if esc.get("enabled") else set())
     for i, name in enumerate(data["cache"].get("pinned", [])):
         if name not in runnable:
@@ -106,7 +135,8 @@ def load(path: Path | None = None) -> Policy:
         name=data["name"],
         source=source,
         fleet=tuple(MemberPolicy(m["model"], m["description"], tuple(m.get("examples", ())), tuple(m.get("domains", ())),
-                           m.get("max_tokens", 256), m.get("temperature", 0.0), m.get("endpoint"))
+                           m.get("max_tokens", 256), m.get("temperature", 0.0), m.get("endpoint"),
+                           m.get("draft"), m.get("draft_tokens"))
                      for m in data["fleet"]),
         goals=data["goals"],
         weights=data["weights"],

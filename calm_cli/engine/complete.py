@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -13,7 +13,7 @@ import numpy as np
 from calm_cli.engine.decode import Step, generate
 from calm_cli.engine.decoder import Decoder
 from calm_cli.engine.sampling import Sampling
-from calm_cli.engine.speculate import speculative_steps
+from calm_cli.engine.speculate import Counts, Speculation, speculative_steps
 from calm_cli.engine.textstream import TextStream
 
 
@@ -33,6 +33,10 @@ class Completion:
     memory_mb: float
     provider: str
     stop_reason: str  # "eos", "stop_string" or "length"
+    token_ids: list[int] = field(default_factory=list, repr=False)  # the answer's tokens (stop string included)
+    draft: str | None = None  # what proposed the tokens it checked: "prompt-lookup", "answer", a draft model
+    draft_tokens: int = 0  # draft tokens checked
+    accepted_tokens: int = 0  # draft tokens kept
 
     @property
     def confidence(self) -> float:
@@ -46,14 +50,16 @@ class Completion:
             "tokens_per_s": round(self.tokens_per_s, 2), "energy_j": round(self.energy_j, 4),
             "energy_estimated": self.energy_estimated, "memory_mb": round(self.memory_mb, 1),
             "confidence": round(self.confidence, 4), "provider": self.provider,
+            "draft": self.draft, "draft_tokens": self.draft_tokens, "accepted_tokens": self.accepted_tokens,
         }
 
 
 def complete(decoder: Decoder, prompt: str, max_new_tokens: int, sampling: Sampling = Sampling(),
              stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None,
-             truncate: bool = False, speculate: int = 0) -> Completion:
-    """Answer `prompt`, streaming text to `on_text` as it is produced, and measure the work. `speculate` > 0:
-    greedy answers on the fused graph check that many prompt-lookup draft tokens per step (engine/speculate.py)."""
+             truncate: bool = False, speculation: Speculation | None = None) -> Completion:
+    """Answer `prompt`, streaming text to `on_text` as it is produced, and measure the work (a draft model's
+    included: it runs in this process). With `speculation`, where it applies, drafts are checked several tokens
+    per step (engine/speculate.py)."""
     decoder.meter.start()
     started = time.perf_counter()
     ids = decoder.fit(decoder.encode(prompt), max_new_tokens, truncate)
@@ -67,8 +73,12 @@ def complete(decoder: Decoder, prompt: str, max_new_tokens: int, sampling: Sampl
         if on_text:
             on_text(piece)
 
-    steps_of = speculative_steps(decoder, ids, max_new_tokens, speculate) \
-        if speculate and sampling.greedy and decoder.fused else generate(decoder, ids, max_new_tokens, sampling)
+    counts, draft = Counts(), None
+    if speculation is not None and speculation.applies(decoder, sampling):
+        steps_of = speculative_steps(decoder, ids, max_new_tokens, speculation, sampling, counts)
+        draft = "answer" if speculation.reference is not None else speculation.model_name or "prompt-lookup"
+    else:
+        steps_of = generate(decoder, ids, max_new_tokens, sampling)
     for step in steps_of:
         if first is None:
             first = time.perf_counter()
@@ -92,4 +102,5 @@ def complete(decoder: Decoder, prompt: str, max_new_tokens: int, sampling: Sampl
         latency_ms=(ended - started) * 1000, ttft_ms=(first - started) * 1000,
         tokens_per_s=(len(steps) - 1) / decode_s if len(steps) > 1 and decode_s > 0 else 0.0,
         energy_j=reading.energy_j, energy_estimated=reading.energy_estimated,
-        memory_mb=decoder.memory_mb, provider=decoder.provider, stop_reason=stop_reason)
+        memory_mb=decoder.memory_mb, provider=decoder.provider, stop_reason=stop_reason,
+        token_ids=[s.token for s in steps], draft=draft, draft_tokens=counts.drafted, accepted_tokens=counts.accepted)

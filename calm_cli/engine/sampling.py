@@ -41,10 +41,9 @@ class Sampler:
         self.sampling = sampling
         self.rng = np.random.default_rng(sampling.seed)
 
-    def choose(self, logits: np.ndarray) -> int:
+    def _support(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens temperature, top-k and top-p leave, best first, and their probabilities."""
         s = self.sampling
-        if s.greedy:
-            return int(np.argmax(logits))
         scaled = logits.astype(np.float64) / s.temperature
         candidates = np.arange(scaled.shape[-1])
         if s.top_k and s.top_k < scaled.shape[-1]:
@@ -55,4 +54,28 @@ class Sampler:
         if s.top_p < 1.0:
             keep = int(np.searchsorted(np.cumsum(probs), s.top_p) + 1)
             order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
+        return order, probs
+
+    def choose(self, logits: np.ndarray) -> int:
+        if self.sampling.greedy:
+            return int(np.argmax(logits))
+        order, probs = self._support(logits)
         return int(order[self.rng.choice(len(order), p=probs)])
+
+    def probs(self, logits: np.ndarray) -> np.ndarray:
+        """The distribution `choose` draws from, over the whole vocabulary (one-hot when greedy): what
+        speculative sampling's acceptance rule compares."""
+        dense = np.zeros(logits.shape[-1], dtype=np.float64)
+        if self.sampling.greedy:
+            dense[int(np.argmax(logits))] = 1.0
+        else:
+            order, probs = self._support(logits)
+            dense[order] = probs
+        return dense
+
+    def draw(self, probs: np.ndarray) -> int:
+        """A token from a dense distribution (which need not be normalised)."""
+        return int(self.rng.choice(len(probs), p=probs / probs.sum()))
+
+    def uniform(self) -> float:
+        return float(self.rng.random())

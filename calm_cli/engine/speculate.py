@@ -1,16 +1,31 @@
-"""Greedy speculative decoding with prompt-lookup drafts (as llama.cpp's lookup decoding and vLLM's n-gram
-speculator): the draft is what followed the latest earlier occurrence of the context's last n-gram, free to
-make; the model checks a whole draft in one step (on a CPU, decoding is memory-bound: k+1 positions cost little
-more than one), keeps the longest prefix it agrees with plus its own next token, and the KV state rolls back
-the rest. The output is the model's own greedy output; only numerics can differ (onnxruntime's int4 kernel
-runs one row and several rows differently), and only where two tokens nearly tie.
+"""Speculative decoding on the fused graph: a draft proposes tokens, the model checks them all in one step and
+keeps what it agrees with. On a CPU decoding is memory-bound (every step reads all the weights), so checking
+k+1 positions costs little more than decoding one.
 
-Runs on the fused graph (its KV buffers take a rollback by lowering the row's length; see engine/kv.py).
+Three drafts, one loop (`speculative_steps`):
+- prompt lookup (as llama.cpp's lookup decoding and vLLM's n-gram speculator): what followed the latest earlier
+  occurrence of the context's last n-gram; free to make, strong where an answer repeats its prompt (code);
+- a reference answer (escalation by verification): another member's answer, re-encoded with this model's
+  tokenizer, proposed in long chunks while the model agrees with it, and searched for n-grams once it does not;
+- a draft model with the same tokenizer (Qwen2.5-Coder-0.5B for the 1.5B): it decodes k tokens one by one.
+
+Acceptance. Greedy: the longest prefix equal to the model's own argmax, then the model's token, so the output is
+the model's greedy output. Exactly so: onnxruntime's 4-bit MatMulNBits computes one row (M = 1) with another
+kernel than several (Qwen2.5-Coder-1.5B's logits 0.24 apart, SmolLM2's 0.42), but rows of a product of M >= 2
+are bit-identical whatever M is. So every check here runs at least two positions (a draft that found nothing
+proposes a guess: the last token again), as every step of a batch does (engine/batch.py): the greedy tokens
+are those of the member's batched decoding, bit for bit. Sampling: speculative sampling's rule (Leviathan
+et al. 2023; Chen et al. 2023): keep draft token x with probability min(1, p(x)/q(x)) and, at the first
+rejection, draw from max(0, p - q) renormalised, so the output distribution is the model's own (q is one-hot for
+lookup and reference drafts, the draft model's own distribution otherwise).
+
+The KV state rolls back past rejected positions by lowering the row's length (engine/kv.py); nothing is copied.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +33,10 @@ import numpy as np
 from calm_cli.engine.decode import Step, logprob_of
 from calm_cli.engine.decoder import Decoder
 from calm_cli.engine.kv import SharedKV
+from calm_cli.engine.sampling import Sampler, Sampling
+
+REFERENCE_CHUNK = 32  # reference tokens checked per step while the model agrees with the reference
+MAX_DRAFT = 16  # the longest an adaptive draft grows
 
 
 class VerifyKV(SharedKV):
@@ -43,15 +62,153 @@ class VerifyKV(SharedKV):
         self.lengths -= n
 
 
-def lookup_draft(context: list[int], k: int, longest: int = 3) -> list[int]:
-    """Up to `k` tokens that followed the latest earlier occurrence of the context's last n-gram (n from
-    `longest` down to 1); nothing when the last token never occurred before."""
+def lookup_draft(context: list[int], k: int, longest: int = 3, reference: Sequence[int] = ()) -> list[int]:
+    """Up to `k` tokens that followed an earlier occurrence of the context's last n-gram (n from `longest` down
+    to 1): in `reference` first (another answer to the same question), else the latest in the context itself;
+    nothing when the last token never occurred before."""
     for n in range(min(longest, len(context) - 1), 0, -1):
-        tail = context[-n:]
+        tail = list(context[-n:])
+        for start in range(len(reference) - n, -1, -1):
+            if list(reference[start:start + n]) == tail and start + n < len(reference):
+                return list(reference[start + n:start + n + k])
         for start in range(len(context) - n - 1, -1, -1):
             if context[start:start + n] == tail:
                 return context[start + n:start + n + k]
     return []
+
+
+@dataclass
+class DraftLength:
+    """Tokens per draft: fixed, or adaptive (as Hugging Face's assistant heuristic): two more after a draft
+    kept whole, one fewer after a rejection, between 1 and MAX_DRAFT."""
+
+    k: int
+    adaptive: bool = False
+
+    def update(self, drafted: int, kept: int) -> None:
+        if self.adaptive and drafted:
+            self.k = min(MAX_DRAFT, self.k + 2) if kept == drafted else max(1, self.k - 1)
+
+    @property
+    def widest(self) -> int:
+        return MAX_DRAFT if self.adaptive else self.k
+
+
+class Draft(ABC):
+    """Proposes the tokens the model checks next."""
+
+    name: str
+    widest: int  # the most tokens one proposal may hold
+
+    @abstractmethod
+    def propose(self, context: list[int], room: int) -> tuple[list[int], list[np.ndarray] | None]:
+        """Up to `room` tokens to follow `context` (prompt and answer so far), with the distribution each was
+        drawn from; None when they were chosen deterministically (q is then one-hot)."""
+
+    def feedback(self, drafted: int, kept: int) -> None:
+        """How many of the last proposal's tokens the model kept."""
+
+
+class LookupDraft(Draft):
+    """Prompt lookup; with a `reference` answer, that answer itself while the model agrees with it."""
+
+    def __init__(self, prompt_len: int, length: DraftLength, reference: Sequence[int] = ()):
+        self.name = "answer" if reference else "prompt-lookup"
+        self.prompt_len, self.length, self.reference = prompt_len, length, list(reference)
+        self.widest = max(length.widest, REFERENCE_CHUNK if reference else 0)
+        self.checked, self.aligned = 0, bool(reference)
+
+    def propose(self, context: list[int], room: int) -> tuple[list[int], None]:
+        made = len(context) - self.prompt_len
+        if self.aligned:
+            while self.checked < min(made, len(self.reference)):
+                if context[self.prompt_len + self.checked] != self.reference[self.checked]:
+                    self.aligned = False
+                    break
+                self.checked += 1
+            if self.aligned and made < len(self.reference):
+                return self.reference[made:made + min(REFERENCE_CHUNK, room)], None
+        return lookup_draft(context, min(self.length.k, room), reference=self.reference[self.checked:]), None
+
+    def feedback(self, drafted: int, kept: int) -> None:
+        if not self.aligned:
+            self.length.update(drafted, kept)
+
+
+class ModelDraft(Draft):
+    """A smaller model with the same tokenizer decodes the proposal; its own KV state follows the context,
+    rolled back where the model rejected its tokens."""
+
+    def __init__(self, name: str, draft: Decoder, capacity: int, sampler: Sampler, length: DraftLength):
+        self.name, self.decoder, self.sampler, self.length = name, draft, sampler, length
+        self.widest = length.widest
+        self.kv = SharedKV(draft, 1, capacity)
+        self.held: list[int] = []  # the tokens in its KV state
+        self.stops = set(draft.tokenizer.stop_ids)
+
+    def propose(self, context: list[int], room: int) -> tuple[list[int], list[np.ndarray] | None]:
+        common = 0
+        for held, token in zip(self.held, context):
+            if held != token:
+                break
+            common += 1
+        self.kv.lengths -= len(self.held) - common
+        logits = self.kv.feed([context[common:]])[0]
+        tokens: list[int] = []
+        dists: list[np.ndarray] = []
+        for i in range(min(self.length.k, room)):
+            if self.sampler.sampling.greedy:
+                token = int(np.argmax(logits))
+            else:
+                dists.append(self.sampler.probs(logits))
+                token = self.sampler.draw(dists[-1])
+            tokens.append(token)
+            if token in self.stops or i == min(self.length.k, room) - 1:
+                break
+            logits = self.kv.feed([[token]])[0]
+        self.held = context + tokens[:-1]
+        return tokens, (dists or None)
+
+    def feedback(self, drafted: int, kept: int) -> None:
+        self.length.update(drafted, kept)
+
+
+def shares_tokenizer(model: Decoder, draft: Decoder) -> bool:
+    """Whether `draft`'s token ids mean what `model`'s do (the same vocabulary, in the same order)."""
+    a, b = model.tokenizer.tokenizer, draft.tokenizer.tokenizer
+    return draft.vocab <= model.vocab and a.get_vocab_size() == b.get_vocab_size() and a.get_vocab() == b.get_vocab()
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """How one generation speculates: draft length `k` (fixed or adaptive), a draft model (None: prompt
+    lookup) and a reference answer to verify (escalation): text, which this model's tokenizer re-encodes, or
+    token ids already in its vocabulary."""
+
+    k: int = 4
+    adaptive: bool = False
+    model: Decoder | None = None
+    model_name: str | None = None
+    reference: str | tuple[int, ...] | None = None
+
+    def applies(self, decoder: Decoder, sampling: Sampling) -> bool:
+        """Only the fused graph rolls back; prompt lookup only for greedy answers (its one-hot drafts rarely
+        survive sampling's acceptance rule), a draft model or a reference for any sampling."""
+        return decoder.fused and (sampling.greedy or self.model is not None or self.reference is not None) \
+            and (self.k > 0 or self.reference is not None)
+
+    def open(self, decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler) -> Draft:
+        length = DraftLength(max(self.k, 1), self.adaptive)
+        if self.reference is not None:
+            ids = self.reference if not isinstance(self.reference, str) else \
+                decoder.tokenizer.encode(self.reference, add_special=False) if self.reference else []
+            return LookupDraft(len(prompt_ids), length, ids)
+        if self.model is not None:
+            if not shares_tokenizer(decoder, self.model):
+                raise ValueError(f"draft {self.model_name} does not share the model's tokenizer")
+            return ModelDraft(self.model_name or "draft", self.model,
+                              len(prompt_ids) + max_new_tokens + length.widest + 1, sampler, length)
+        return LookupDraft(len(prompt_ids), length)
 
 
 @dataclass
@@ -61,17 +218,44 @@ class Counts:
     accepted: int = 0  # draft tokens kept
 
 
-def speculative_steps(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, k: int = 4,
-                      counts: Counts | None = None) -> Iterator[Step]:
-    """As decode.generate with greedy sampling: the chosen tokens with their log-probabilities, stopping at the
-    model's stop tokens, but checked `k` drafted tokens at a time. `counts` (if given) is kept up to date."""
+def _accept(rows: np.ndarray, proposal: list[int], dists: list[np.ndarray] | None, sampler: Sampler,
+            stops: set[int]) -> tuple[int, int]:
+    """(draft tokens kept, the model's own token after them) given the model's logits after each position."""
+    if sampler.sampling.greedy:
+        targets = np.argmax(rows, axis=1)
+        kept = 0
+        while kept < len(proposal) and proposal[kept] == targets[kept] and proposal[kept] not in stops:
+            kept += 1
+        return kept, int(targets[kept])
+    for j, token in enumerate(proposal):
+        p = sampler.probs(rows[j])
+        q = dists[j] if dists is not None else None
+        if sampler.uniform() < min(1.0, p[token] / (q[token] if q is not None else 1.0)):
+            if token in stops:
+                return j, token  # the model ends here too
+            continue
+        if q is None:
+            residual = p.copy()
+            residual[token] = 0.0
+        else:
+            residual = np.maximum(p - q, 0.0)
+        return j, sampler.draw(residual if residual.sum() > 0 else p)
+    return len(proposal), sampler.choose(rows[len(proposal)])
+
+
+def speculative_steps(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, speculation: Speculation,
+                      sampling: Sampling = Sampling(), counts: Counts | None = None) -> Iterator[Step]:
+    """As decode.generate: the chosen tokens with their log-probabilities, stopping at the model's stop tokens,
+    but checked a draft at a time. `counts` (if given) is kept up to date."""
     if not decoder.fused:
         raise ValueError("speculative decoding needs the fused graph (an int4 or fused fp32 export)")
     counts = counts if counts is not None else Counts()
+    sampler = Sampler(sampling)
+    draft = speculation.open(decoder, prompt_ids, max_new_tokens, sampler)
     stops = set(decoder.tokenizer.stop_ids)
-    kv = VerifyKV(decoder, len(prompt_ids) + max_new_tokens + k + 1, k + 1)
+    kv = VerifyKV(decoder, len(prompt_ids) + max_new_tokens + draft.widest + 1, draft.widest + 1)
     last = kv.feed([prompt_ids])[0]
-    following = int(np.argmax(last))
+    following = sampler.choose(last)
     chosen = Step(following, logprob_of(last, following))
     context, made = list(prompt_ids), 0
     while following not in stops and made < max_new_tokens:
@@ -80,20 +264,19 @@ def speculative_steps(decoder: Decoder, prompt_ids: list[int], max_new_tokens: i
         context.append(following)
         if made == max_new_tokens:
             return
-        draft = lookup_draft(context, min(k, max_new_tokens - made))
-        rows = kv.feed_all([following, *draft])
-        targets = np.argmax(rows, axis=1)
+        proposal, dists = draft.propose(context, max_new_tokens - made)
+        if not proposal:  # a guess instead of nothing: every check then runs >= 2 rows (see the module's note)
+            proposal, dists = [following], None
+        rows = kv.feed_all([following, *proposal])
         counts.steps += 1
-        kept = 0
-        while kept < len(draft) and draft[kept] == targets[kept] and draft[kept] not in stops:
-            kept += 1
-        counts.drafted, counts.accepted = counts.drafted + len(draft), counts.accepted + kept
+        kept, following = _accept(rows, proposal, dists, sampler, stops)
+        draft.feedback(len(proposal), kept)
+        counts.drafted, counts.accepted = counts.drafted + len(proposal), counts.accepted + kept
         for j in range(kept):
-            yield Step(draft[j], logprob_of(rows[j], draft[j]))
+            yield Step(proposal[j], logprob_of(rows[j], proposal[j]))
         made += kept
-        context += draft[:kept]
-        kv.rollback(len(draft) - kept)
-        following = int(targets[kept])
+        context += proposal[:kept]
+        kv.rollback(len(proposal) - kept)
         chosen = Step(following, logprob_of(rows[kept], following))
 
 
@@ -105,9 +288,15 @@ class Speculated:
     accepted: int  # draft tokens kept
 
 
-def speculative_greedy(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, k: int = 4) -> Speculated:
-    """The model's greedy continuation of `prompt_ids` (stopping at its stop tokens), checked `k` drafted
-    tokens at a time."""
+def speculate(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, speculation: Speculation,
+              sampling: Sampling = Sampling()) -> Speculated:
+    """The model's continuation of `prompt_ids` (stopping at its stop tokens), checked a draft at a time."""
     counts = Counts()
-    tokens = [s.token for s in speculative_steps(decoder, prompt_ids, max_new_tokens, k, counts)]
+    tokens = [s.token for s in speculative_steps(decoder, prompt_ids, max_new_tokens, speculation, sampling,
+                                                 counts)]
     return Speculated(tokens, counts.steps, counts.drafted, counts.accepted)
+
+
+def speculative_greedy(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, k: int = 4) -> Speculated:
+    """The model's greedy continuation of `prompt_ids`, checked `k` prompt-lookup draft tokens at a time."""
+    return speculate(decoder, prompt_ids, max_new_tokens, Speculation(k))

@@ -10,6 +10,7 @@ members and the knowledge base) instead of building them, so it runs with fakes 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -97,7 +98,8 @@ class Calm:
             escalation = self.planner.escalation(query_vec, first.run.model, first.run.confidence,
                                                  self.analyzer.calibration())
             if escalation.escalate:
-                second = self.executor.escalate(first.run, larger.model, job, stream, request_id=request_id,
+                second = self.executor.escalate(first.run, larger.model, self._escalation_job(job, first.run.text),
+                                                stream, request_id=request_id,
                                                 domain=domain, started=started, cancel=cancel)
                 if isinstance(second, str):
                     reason += f"; {escalation.reason}; {second}"
@@ -108,6 +110,13 @@ class Calm:
         streamed = stream and (len(runs) > 1 or not may_escalate or first.run.model == larger.model)
         return Served(decision, runs, reason, first.fallback_from, routing_ms,
                       (time.perf_counter() - started) * 1000, streamed, first.queued_ms)
+
+    def _escalation_job(self, job: AskJob | WorkJob, answer: str) -> AskJob | WorkJob:
+        """The larger member's job: with escalation mode verify, a question checks the first answer and goes on
+        from the first token it disagrees with (alone: the whole answer is checked in a few steps)."""
+        if not self.policy.verifies or not isinstance(job, AskJob):
+            return job
+        return AskJob(lambda member, stream: replace(job.ask_for(member, stream), verify=answer), alone=True)
 
     def answer(self, request: dict, queue_ms: float = 0.0, on_text: Callable[[str], None] | None = None,
                timeout_s: float | None = None, cancel: Cancel | None = None,

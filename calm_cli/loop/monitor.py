@@ -54,6 +54,7 @@ def record(request_id: Any, policy: str, served: Served, queue_ms: float, cache_
         "confidence": None if math.isnan(final.confidence) else round(final.confidence, 4),  # a remote gave none
         "cache_hit": all(r.hit for r in served.runs), "provider": final.provider,
         "stop_reason": final.stop_reason,
+        "draft": final.draft, "draft_tokens": final.draft_tokens, "accepted_tokens": final.accepted_tokens,
     }
     if precision is not None:
         metrics["precision"] = precision

@@ -52,6 +52,9 @@ class Run:
     hit: bool = False
     load_ms: float = 0.0
     injected_slowdown: float = 1.0  # set by a benchmark's slowdown hook (bench/hooks.py), recorded with the run
+    draft: str | None = None  # what proposed the tokens it checked (speculative decoding), if anything did
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class Ask:
     sampling: Sampling = field(default_factory=Sampling)
     on_text: Callable[[str], None] | None = None
     stop: tuple[str, ...] = ()  # the request's own stop strings, besides the member's
+    verify: str | None = None  # another member's answer to check and continue (escalation by verification)
 
 
 # The work a request does on a loaded member: (member, session, stream) -> Run. A chat request asks the member
@@ -96,8 +100,9 @@ class Member(ABC):
         """What the loaded session takes."""
 
     @abstractmethod
-    def generate(self, session: object, ask: Ask) -> Run:
-        """Answer a question, metered."""
+    def generate(self, session: object, ask: Ask, draft: object | None = None) -> Run:
+        """Answer a question, metered; `draft` is the session of the member that drafts for this one, when the
+        scheduler could lend it (speculative decoding)."""
 
     def run(self, session: object, work: Work, stream: bool) -> Run:
         """Run `work` on the session; wrappers (a benchmark's slowdown) override this."""

@@ -11,6 +11,7 @@ from calm_cli.engine.decoder import Decoder
 from calm_cli.engine.prompt import render, stop_strings
 from calm_cli.engine.sampling import Sampler
 from calm_cli.engine.session import ORT_ERRORS, ProviderError
+from calm_cli.engine.speculate import Speculation, shares_tokenizer
 from calm_cli.engine.textstream import TextStream
 from calm_cli.errors import CalmError
 from calm_cli.fleet.lock import ModelSpec
@@ -54,11 +55,25 @@ class LocalMember(Member):
         assert isinstance(session, Decoder)
         return max(session.memory_mb, self._weights_mb())
 
-    def generate(self, session: object, ask: Ask) -> Run:
+    def speculation(self, session: Decoder, ask: Ask, draft: object | None) -> Speculation | None:
+        """How this answer speculates: verifying the answer it was given (escalation), else with the draft
+        member lent for it, else prompt lookup, as the policy and CALM_SPECULATE say."""
+        tokens = self.config.draft_tokens
+        adaptive = tokens == "adaptive"
+        k = int(settings.get("speculate")) if tokens is None else 4 if adaptive else int(tokens)
+        if ask.verify is not None:
+            return Speculation(max(k, 1), adaptive, reference=ask.verify)
+        if self.config.draft == "none":
+            return None
+        if isinstance(draft, Decoder) and shares_tokenizer(session, draft):
+            return Speculation(max(k, 1), adaptive, model=draft, model_name=self.config.draft_model)
+        return Speculation(k, adaptive) if k > 0 else None
+
+    def generate(self, session: object, ask: Ask, draft: object | None = None) -> Run:
         assert isinstance(session, Decoder)
         done = complete(session, render(self.spec.prompt, ask.query), ask.max_tokens, ask.sampling,
                         [*stop_strings(self.spec.prompt), *ask.stop], on_text=ask.on_text,
-                        speculate=int(settings.get("speculate")))
+                        speculation=self.speculation(session, ask, draft))
         return self.run_of(session, done)
 
     def batch(self, session: object) -> DecodeBatch | None:
@@ -78,7 +93,8 @@ class LocalMember(Member):
         done = completion
         return Run(self.name, done.text, done.latency_ms, done.ttft_ms, done.tokens_in, done.tokens_out,
                    done.tokens_per_s, done.energy_j, done.energy_estimated, done.confidence, done.provider,
-                   done.stop_reason, payload=done)
+                   done.stop_reason, payload=done, draft=done.draft, draft_tokens=done.draft_tokens,
+                   accepted_tokens=done.accepted_tokens)
 
     def run(self, session: object, work: Work, stream: bool) -> Run:
         try:

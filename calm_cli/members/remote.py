@@ -75,7 +75,7 @@ class RemoteMember(Member):
 
     # -- answering
 
-    def generate(self, session: object, ask: Ask) -> Run:
+    def generate(self, session: object, ask: Ask, draft: object | None = None) -> Run:
         assert isinstance(session, httpx.Client)
         self._admit()
         try:

@@ -112,15 +112,16 @@ class MemberCache:
         with self._lock:
             self.demand.observe(name)
 
-    def hold(self, name: str) -> Lease | None:
-        """A lease on `name` if it is loaded (a hit; it cannot be evicted until released), else None."""
+    def hold(self, name: str, hit: bool = True) -> Lease | None:
+        """A lease on `name` if it is loaded (it cannot be evicted until released), else None. `hit`: a request
+        found it loaded (counted in the hit rate); not when it is lent to another member's run as a draft."""
         with self._lock:
             entry = self._loaded.get(name)
             if entry is None:
                 return None
             self._tick += 1
             entry.last_used, entry.leases = self._tick, entry.leases + 1
-            self.hits += 1
+            self.hits += hit
             return Lease(entry.session, True, 0.0, [])
 
     def loading(self, name: str) -> bool:

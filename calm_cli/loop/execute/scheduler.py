@@ -15,6 +15,11 @@ loaded once the eviction policy finds room among the idle ones. A ticket whose m
 (too big, pinned members in the way) or fails falls back to its next member. One that waits for room while
 members run requests holds the queue: nothing behind it overtakes it, so it cannot starve. At most
 `concurrency` steps run at once: different members in parallel, one member's steps one after another.
+
+Drafts: a member whose policy names a draft member (speculative decoding) answers one request at a time, and
+for each such run the scheduler lends it the draft's session when the draft is loaded (a lease, so the draft is
+not evicted under it); when it is not, the run decodes without it and the draft is prefetched if it fits without
+evicting anything. A verification job (escalation checking the first answer) also runs alone.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class AskJob:
     the other questions they are answering."""
 
     ask_for: Callable[[Member, bool], Ask]  # (member, may stream) -> the question for that member
+    alone: bool = False  # needs the member to itself (verifying a whole answer): never batched
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,7 @@ class Ticket:
     outcome: Run | CalmError | None = None
     done: threading.Event = field(default_factory=threading.Event)
     generation: Generation | None = None  # while it decodes in a batch (owned by the member's step)
+    draft: tuple[str, Handle] | None = None  # the draft member lent for its run, as loaded then, if any
 
     def result(self, timeout: float | None = None) -> Run:
         """The run, once finished; raises what ended it otherwise (ModelsFailed after every member failed)."""
@@ -147,11 +154,13 @@ class Scheduler:
     """The pure part: state and decisions, changed only by the loop thread through the event methods."""
 
     def __init__(self, cache: MemberCache, effects: Effects, *, discipline: str = "fifo", concurrency: int = 1,
-                 ageing: float = AGEING, clock: Callable[[], float] = time.monotonic):
+                 ageing: float = AGEING, clock: Callable[[], float] = time.monotonic,
+                 drafts: Mapping[str, str] | None = None):
         if discipline not in ("fifo", "sjf"):
             raise ValueError(f"queue discipline {discipline!r} is not one of fifo, sjf")
         self.cache, self.effects, self.discipline = cache, effects, discipline
         self.concurrency, self.ageing, self.clock = max(1, concurrency), ageing, clock
+        self.drafts = dict(drafts or {})  # member -> the member that drafts for it
         self.waiting: list[Ticket] = []
         self.seats: dict[str, _Seat] = {}
         self.loading: dict[str, list[str]] = {}  # member -> what its begin_load evicted
@@ -206,6 +215,7 @@ class Scheduler:
         for ticket, outcome in finished:
             seat.active.remove(ticket)
             self.cache.release(member)
+            self._return_draft(ticket)
             if isinstance(outcome, MemberFailure):
                 self._retry(ticket, member, outcome)
             else:
@@ -215,6 +225,7 @@ class Scheduler:
         if error is not None:
             for ticket in [*seat.active, *seat.joining]:
                 self.cache.release(member)
+                self._return_draft(ticket)
                 self._retry(ticket, member, error)
             seat.active, seat.joining = [], []
             self._unload(member)
@@ -322,9 +333,31 @@ class Scheduler:
             if not self.cache.loaded(name):  # evicted to make room (only idle members are)
                 del self.seats[name]
 
-    @staticmethod
-    def _batched(seat: _Seat, ticket: Ticket) -> bool:
-        return seat.handle.batch is not None and isinstance(ticket.job, AskJob)
+    def _batched(self, seat: _Seat, ticket: Ticket) -> bool:
+        job = ticket.job
+        return seat.handle.batch is not None and isinstance(job, AskJob) and not job.alone \
+            and ticket.order[0] not in self.drafts
+
+    def _lend_draft(self, member: str, ticket: Ticket) -> None:
+        """Lend `member`'s draft to the ticket's run if it is loaded; else prefetch it where it fits freely."""
+        draft = self.drafts.get(member)
+        if draft is None or draft == member or not isinstance(ticket.job, AskJob):
+            return
+        seat = self.seats.get(draft)
+        if seat is not None and self.cache.hold(draft, hit=False) is not None:
+            ticket.draft = (draft, seat.handle)
+        elif draft not in self.loading:
+            self.prefetch(draft)
+
+    def _return_draft(self, ticket: Ticket) -> None:
+        """End the lease lent with the ticket's run, unless the draft failed and was unloaded meanwhile (its
+        lease went with it; the run kept the session object it had)."""
+        if ticket.draft is not None:
+            name, handle = ticket.draft
+            seat = self.seats.get(name)
+            if seat is not None and seat.handle is handle:
+                self.cache.release(name)
+            ticket.draft = None
 
     def _joins(self, seat: _Seat, ticket: Ticket) -> bool:
         busy = len(seat.active) + len(seat.joining)
@@ -356,6 +389,9 @@ class Scheduler:
                 ticket.queued_ms = (now - ticket.submitted) * 1000
             seat.active += admit
             seat.stepping = True
+            if seat.alone:
+                for ticket in admit:
+                    self._lend_draft(member, ticket)
             self.effects.step(member, seat.handle, admit, seat.alone)
 
     def _fall_back(self, ticket: Ticket, member: str, error: MemberFailure) -> bool:
@@ -405,7 +441,8 @@ class Driver:
 
     def __init__(self, members: Mapping[str, Member], cache: MemberCache, *, discipline: str, concurrency: int):
         self.members = members
-        self.scheduler = Scheduler(cache, self, discipline=discipline, concurrency=concurrency)
+        drafts = {name: m.config.draft_model for name, m in members.items() if not m.remote and m.config.draft_model}
+        self.scheduler = Scheduler(cache, self, discipline=discipline, concurrency=concurrency, drafts=drafts)
         self._events: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._workers = ThreadPoolExecutor(max_workers=concurrency + 1, thread_name_prefix="calm-worker")
         # Remote members' requests wait on the network: threads of their own, as many as they may run at once.
@@ -546,7 +583,8 @@ class Driver:
         try:
             if isinstance(job, WorkJob):
                 return member.run(handle.session, job.work, stream)
-            return member.run(handle.session, lambda m, s, st: m.generate(s, job.ask_for(m, st)), stream)
+            lent = ticket.draft[1].session if ticket.draft else None
+            return member.run(handle.session, lambda m, s, st: m.generate(s, job.ask_for(m, st), lent), stream)
         except MemberFailure as exc:
             return exc
         except CalmError as exc:  # the request itself is wrong: no other member would do better
