@@ -635,13 +635,15 @@ def bench_speculate(member: str, parts: list[str], draft: str | None, firsts: li
         drafted = _specs((draft,))[0] if draft else None
         result["drafts"] = out = speculate.run_drafts(spec, _store(), precision, n, tokens, k_start, adaptive,
                                                       drafted, _echo_err)
-        headers = ["item", "kind", "tokens", "plain_s"] + [f"{w}_{c}" for w in out["drafts"]
-                                                            for c in ("speedup", "acceptance", "diverged_at")]
+        headers = ["item", "kind", "tokens", "plain_s", "served_s"] + [
+            f"{w}_{c}" for w in out["drafts"] for c in ("speedup", "vs_served", "acceptance", "diverged_at")]
         click.echo(tabulate([[r[h] for h in headers] for r in out["rows"]], headers=headers))
         for way, kinds in out["speedup"].items():
             for kind, (mean, lo, hi, count) in kinds.items():
-                click.echo(f"{spec.name} with {way} drafts ({out['k']}), {kind}: {mean:.2f}x plain greedy (mean of "
-                           f"{count} prompts; 95% interval {lo:.2f}-{hi:.2f})")
+                served_mean, served_lo, served_hi, _ = out["vs_served"][way][kind]
+                click.echo(f"{spec.name} with {way} drafts ({out['k']}), {kind}: {mean:.2f}x plain greedy, "
+                           f"{served_mean:.2f}x the served two-row decoding (means of {count} prompts; 95% "
+                           f"intervals {lo:.2f}-{hi:.2f}, {served_lo:.2f}-{served_hi:.2f})")
             click.echo(f"  the served greedy tokens on {out['identical'][way]}/{len(out['rows'])} "
                        f"(plain one-row greedy: {out['identical']['plain']}/{len(out['rows'])})")
     if "escalate" in parts:

@@ -76,11 +76,12 @@ def _summary(rows: list[dict], key: str, stat: Callable[[np.ndarray], float]) ->
 
 def run_drafts(spec: ModelSpec, store: Store, precision: str, n: int, tokens: int, k: int, adaptive: bool,
                draft: ModelSpec | None, log: Callable[[str], None]) -> dict:
-    """Plain greedy against prompt lookup (and the draft model): per prompt the speedup, acceptance and
+    """Plain greedy (one row per step) and the served way (two rows per step, as a member decodes alone in a
+    batch) against prompt lookup (and the draft model): per prompt the speedup over each, the acceptance, and
     where the tokens leave the served greedy tokens (if they do)."""
     decoder = Decoder.load(store.exports(spec.name)[precision])
     drafter = Decoder.load(store.exports(draft.name)[precision]) if draft else None
-    ways: dict[str, Speculation | None] = {"plain": None, "prompt-lookup": Speculation(k, adaptive)}
+    ways: dict[str, Speculation | None] = {"plain": None, "served": None, "prompt-lookup": Speculation(k, adaptive)}
     if drafter is not None and draft is not None:
         ways[draft.name] = Speculation(k, adaptive, model=drafter, model_name=draft.name)
     rows = []
@@ -91,26 +92,31 @@ def run_drafts(spec: ModelSpec, store: Store, precision: str, n: int, tokens: in
         timed: dict[str, tuple[float, list[int], int, int]] = {}
         for way in order:
             started = time.perf_counter()
-            if ways[way] is None:
+            if way == "plain":
                 out, drafted, accepted = list(greedy(decoder, ids, tokens)), 0, 0
+            elif way == "served":
+                out, drafted, accepted = served(decoder, ids, tokens), 0, 0
             else:
                 got = speculate(decoder, ids, tokens, ways[way])
                 out, drafted, accepted = got.tokens, got.drafted, got.accepted
             timed[way] = (time.perf_counter() - started, out, drafted, accepted)
-        plain_s, want = timed["plain"][0], served(decoder, ids, tokens)
+        plain_s, want = timed["plain"][0], timed["served"][1]
         row: dict = {"item": i, "kind": kind, "tokens": len(timed["plain"][1]), "plain_s": round(plain_s, 3),
-                     "plain_diverged_at": _diverged(timed["plain"][1], want)}
-        for way in names[1:]:
+                     "plain_diverged_at": _diverged(timed["plain"][1], want),
+                     "served_s": round(timed["served"][0], 3)}
+        for way in names[2:]:
             seconds, out, drafted, accepted = timed[way]
             row |= {f"{way}_s": round(seconds, 3), f"{way}_speedup": round(plain_s / seconds, 3),
+                    f"{way}_vs_served": round(timed["served"][0] / seconds, 3),
                     f"{way}_acceptance": round(accepted / drafted, 3) if drafted else None,
                     f"{way}_diverged_at": _diverged(out, want)}
         rows.append(row)
         log(f"bench speculate: {row}")
     return {"model": spec.name, "precision": precision, "k": "adaptive" if adaptive else k, "max_tokens": tokens,
-            "drafts": list(ways)[1:], "rows": rows,
-            "speedup": {way: _summary(rows, f"{way}_speedup", np.mean) for way in list(ways)[1:]},
-            "identical": {way: sum(r[f"{way}_diverged_at"] is None for r in rows) for way in list(ways)}}
+            "drafts": list(ways)[2:], "rows": rows,
+            "speedup": {way: _summary(rows, f"{way}_speedup", np.mean) for way in list(ways)[2:]},
+            "vs_served": {way: _summary(rows, f"{way}_vs_served", np.mean) for way in list(ways)[2:]},
+            "identical": {way: sum(r[f"{way}_diverged_at"] is None for r in rows) for way in ["plain", *list(ways)[2:]]}}
 
 
 def run_escalate(larger: ModelSpec, firsts: list[ModelSpec], store: Store, precision: str, n: int, tokens: int,
@@ -127,7 +133,7 @@ def run_escalate(larger: ModelSpec, firsts: list[ModelSpec], store: Store, preci
         answers = {s.name: complete(small[s.name], render(s.prompt, question), tokens, stop=stop_strings(s.prompt)).text
                    for s in firsts}
         ways: dict[str, Speculation | None] = {"alone": None, "alone+lookup": Speculation(k)}
-        ways |= {f"verify:{name}": Speculation(k, reference=text) for name, text in answers.items()}
+        ways |= {f"verify:{name}": Speculation(k, True, reference=text) for name, text in answers.items()}
         names = list(ways)
         order = names[i % len(names):] + names[:i % len(names)]
         done = {}

@@ -35,7 +35,8 @@ from calm_cli.engine.decoder import Decoder
 from calm_cli.engine.kv import SharedKV
 from calm_cli.engine.sampling import Sampler, Sampling
 
-REFERENCE_CHUNK = 32  # reference tokens checked per step while the model agrees with the reference
+REFERENCE_FIRST = 8  # reference tokens checked by the first step that checks a reference answer
+REFERENCE_CHUNK = 32  # the most per step: the chunk doubles while the model keeps agreeing with the reference
 MAX_DRAFT = 16  # the longest an adaptive draft grows
 
 
@@ -116,7 +117,7 @@ class LookupDraft(Draft):
         self.name = "answer" if reference else "prompt-lookup"
         self.prompt_len, self.length, self.reference = prompt_len, length, list(reference)
         self.widest = max(length.widest, REFERENCE_CHUNK if reference else 0)
-        self.checked, self.aligned = 0, bool(reference)
+        self.checked, self.aligned, self.chunk = 0, bool(reference), REFERENCE_FIRST
 
     def propose(self, context: list[int], room: int) -> tuple[list[int], None]:
         made = len(context) - self.prompt_len
@@ -127,11 +128,15 @@ class LookupDraft(Draft):
                     break
                 self.checked += 1
             if self.aligned and made < len(self.reference):
-                return self.reference[made:made + min(REFERENCE_CHUNK, room)], None
+                return self.reference[made:made + min(self.chunk, room)], None
         return lookup_draft(context, min(self.length.k, room), reference=self.reference[self.checked:]), None
 
     def feedback(self, drafted: int, kept: int) -> None:
-        if not self.aligned:
+        """While aligned, a chunk kept whole doubles the next (a wrong one wastes at most as much as was kept
+        before); after, the draft length adapts (or not) as configured."""
+        if self.aligned and kept == drafted:
+            self.chunk = min(REFERENCE_CHUNK, self.chunk * 2)
+        elif not self.aligned:
             self.length.update(drafted, kept)
 
 

@@ -61,8 +61,8 @@ class LocalMember(Member):
         tokens = self.config.draft_tokens
         adaptive = tokens == "adaptive"
         k = int(settings.get("speculate")) if tokens is None else 4 if adaptive else int(tokens)
-        if ask.verify is not None:
-            return Speculation(max(k, 1), adaptive, reference=ask.verify)
+        if ask.verify is not None:  # past the first disagreement, how well n-grams guess is unknown: adapt
+            return Speculation(max(k, 1), True, reference=ask.verify)
         if self.config.draft == "none":
             return None
         if isinstance(draft, Decoder) and shares_tokenizer(session, draft):
