@@ -211,9 +211,10 @@ SETTINGS: dict[str, Setting] = {
                 "Tokens (prompt + answer) one batched request may hold; a longer one is answered on its own.",
                 _integer(64, 32768)),
         Setting("speculate", "CALM_SPECULATE", lambda: "4",
-                "Prompt-lookup draft tokens a greedy answer checks per step when a member answers one request at a "
-                "time (CALM_BATCH=1, or a prompt too long for a batch slot); 0 turns it off. Qwen2.5-Coder-1.5B on "
-                "HumanEval prompts: 1.76x, the same tokens (docs/ENGINE.md).",
+                "Draft tokens a member checks per step where it answers one request at a time (a member with a "
+                "draft member, CALM_BATCH=1, a prompt too long for a batch slot) and its policy sets no "
+                "draft_tokens: prompt-lookup drafts for greedy answers, or its draft member's; 0 turns prompt "
+                "lookup off. Escalation by verification checks the first answer regardless (docs/ENGINE.md).",
                 _integer(0, 16)),
         Setting("spin", "CALM_SPIN", lambda: "1",
                 "1 lets onnxruntime's intra-op threads spin-wait between kernels (as llama.cpp's do): +9-28% "

@@ -19,11 +19,13 @@ import numpy as np
 
 from calm_cli.bench.concurrency import bootstrap
 from calm_cli.engine.complete import complete
-from calm_cli.engine.batch import generate_batch
+from calm_cli.engine.batch import DecodeBatch, Generation
 from calm_cli.engine.decode import greedy
 from calm_cli.engine.decoder import Decoder
 from calm_cli.engine.prompt import render, stop_strings
+from calm_cli.engine.sampling import Sampler, Sampling
 from calm_cli.engine.speculate import Speculation, speculate
+from calm_cli.engine.textstream import TextStream
 from calm_cli.eval import tasks
 from calm_cli.fleet.lock import ModelSpec
 from calm_cli.fleet.store import Store
@@ -53,8 +55,14 @@ def prompts(store: Store, n: int) -> list[tuple[str, str]]:
 
 
 def served(decoder: Decoder, ids: list[int], tokens: int) -> list[int]:
-    """Greedy tokens as the member decodes them when it serves: every step at least two rows."""
-    return generate_batch(decoder, [ids, ids], tokens)[0]
+    """Greedy tokens as the member decodes a request alone when it serves: the batch path (engine/batch.py),
+    the prompt prefilled in a step of its own, then every step two rows (one of them idle)."""
+    batch = DecodeBatch(decoder, 2, len(ids) + tokens + 1)
+    gen = Generation(ids, tokens, Sampler(Sampling()), TextStream(decoder.tokenizer, ()))
+    batch.step([gen])
+    while gen.completion is None:
+        batch.step([])
+    return gen.tokens
 
 
 def _diverged(got: list[int], want: list[int]) -> int | None:
