@@ -671,18 +671,36 @@ def bench_speculate(member: str, parts: list[str], draft: str | None, firsts: li
 @click.option("--threads", default="1,2", callback=_csv(int), show_default=True)
 @click.option("--tokens", type=click.IntRange(2, 4096), default=128, show_default=True)
 @click.option("--repeats", type=click.IntRange(1, 100), default=3, show_default=True)
+@click.option("--prompts", default="prose", callback=_csv(str), show_default=True, help="prose, code, or both.")
+@click.option("--draft", default=None,
+              help="calm+draft's draft: prompt-lookup or a fleet model (default: the member's draft in the policy, "
+                   "else prompt-lookup).")
+@click.option("--k", default="4", show_default=True, help="calm+draft's draft tokens per check: 1-16, or adaptive.")
+@click.option("--policy", "policy_path", type=click.Path(dir_okay=False), help="Where members' drafts are named.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), help="Also write the rows here.")
 def bench_engine(models: list[str], systems: list[str], precisions: list[str], threads: list[int], tokens: int,
-                 repeats: int, json_path: str | None) -> None:
-    """Load time, TTFT, decode tok/s and peak memory of calm's engine vs llama.cpp, Optimum, transformers."""
+                 repeats: int, prompts: list[str], draft: str | None, k: str, policy_path: str | None,
+                 json_path: str | None) -> None:
+    """Load time, TTFT, decode tok/s and peak memory of calm's engine (and calm+draft: speculative) vs llama.cpp,
+    Optimum, transformers."""
     from calm_cli.bench import engine
 
-    unknown = set(systems) - {"calm", "llama.cpp", "optimum", "transformers"}
+    unknown = set(systems) - set(engine.SYSTEMS)
     if unknown:
         _fail(f"unknown system(s): {', '.join(sorted(unknown))}", EXIT_USAGE)
-    rows = engine.run(_specs(tuple(models)), _store(), systems, precisions, threads, tokens, repeats, _echo_err)
-    headers = ["model", "system", "precision", "threads", "load_s", "ttft_ms", "decode_tok_s", "peak_rss_mb",
-               "vs_llama_cpp", "vs_llama_cpp_best", "vs_optimum", "products_share", "vs_optimum_ceiling"]
-    click.echo(tabulate([[r[h] for h in headers] for r in rows], headers=headers))
+    if set(prompts) - set(engine.PROMPTS) or not prompts:
+        _fail(f"--prompts takes {', '.join(engine.PROMPTS)}", EXIT_USAGE)
+    if k != "adaptive" and not (k.isdigit() and 1 <= int(k) <= 16):
+        _fail(f"--k takes 1-16 or adaptive, not {k!r}", EXIT_USAGE)
+    if draft is not None:
+        drafts = {m: draft for m in models}
+    else:
+        drafts = {m.model: m.draft for m in _policy(policy_path).members if m.draft_model}
+    rows = engine.run(_specs(tuple(models)), _store(), systems, precisions, threads, tokens, repeats, _echo_err,
+                      tuple(prompts), drafts, k)
+    headers = ["model", "prompt", "system", "precision", "threads", "load_s", "ttft_ms", "decode_tok_s",
+               "peak_rss_mb", "vs_llama_cpp", "vs_llama_cpp_best", "vs_optimum", "products_share",
+               "vs_optimum_ceiling", "draft", "acceptance_rate", "greedy_equal"]
+    click.echo(tabulate([[r.get(h) for h in headers] for r in rows], headers=headers))
     if json_path:
         Path(json_path).write_text(json.dumps({"tokens": tokens, "repeats": repeats, "rows": rows}, indent=2) + "\n")

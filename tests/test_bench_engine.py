@@ -25,8 +25,15 @@ def test_ratios_compare_like_with_like() -> None:
         {"model": "m", "system": "calm", "precision": "int4", "threads": 1, "decode_tok_s": 44.0,
          "products_share": 0.8},
         {"model": "m", "system": "calm", "precision": "fp32", "threads": 1, "decode_tok_s": 25.0},
+        {"model": "m", "system": "calm+draft", "precision": "int4", "threads": 1, "decode_tok_s": 60.0,
+         "prompt": "code"},
+        {"model": "m", "system": "llama.cpp", "precision": "gguf", "threads": 1, "decode_tok_s": 30.0,
+         "prompt": "code"},
     ]
+    for row in rows:
+        row.setdefault("prompt", "prose")
     _add_ratios(rows)
+    assert rows[6]["vs_llama_cpp"] == 2.0 and rows[6]["vs_llama_cpp_best"] == 2.0  # against the same prompt
     calm_int4, calm_fp32 = rows[4], rows[5]
     assert calm_int4["vs_llama_cpp"] == 1.1 and calm_int4["vs_llama_cpp_best"] == 0.88
     assert calm_int4["vs_optimum"] == 2.2 and calm_fp32["vs_optimum"] == 2.5  # same precision, same threads
@@ -101,3 +108,24 @@ def test_bench_engine_runs_calm_and_optimum_on_the_same_export(fleet_store, tmp_
     assert calm["vs_optimum_ceiling"] == round(calm["decode_tok_s"] / optimum["decode_tok_s"]
                                                / calm["products_share"], 2)
     assert "vs_optimum_ceiling" in result.output
+
+
+@pytest.mark.fleet
+def test_bench_engine_calm_with_drafts_on_code_and_prose(fleet_store, tmp_path: Path) -> None:
+    """calm+draft rows: prompt lookup on each prompt, with the acceptance rate and whether the tokens equal
+    calm's served greedy tokens."""
+    exported = CliRunner().invoke(main, ["models", "export", "smollm2-135m", "--precision", "int4"])
+    assert exported.exit_code == 0, exported.output
+    out = tmp_path / "engine.json"
+    result = CliRunner().invoke(main, ["bench", "engine", "--models", "smollm2-135m", "--systems", "calm,calm+draft",
+                                       "--precision", "int4", "--threads", "1", "--tokens", "24", "--repeats", "1",
+                                       "--prompts", "code,prose", "--k", "adaptive", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["prompt"], r["system"]) for r in rows] == [("code", "calm"), ("code", "calm+draft"),
+                                                         ("prose", "calm"), ("prose", "calm+draft")]
+    for row in rows[1::2]:
+        assert row["draft"] == "prompt-lookup" and row["k"] == "adaptive" and row["decode_tok_s"] > 0
+        assert 0 <= row["acceptance_rate"] <= 1 and isinstance(row["greedy_equal"], bool)
+    bad = CliRunner().invoke(main, ["bench", "engine", "--prompts", "poetry"])
+    assert bad.exit_code == 2 and "--prompts takes prose, code" in bad.output

@@ -63,7 +63,10 @@ class Scripted(Member):
         for piece in (text[:4], text[4:]):
             if ask.on_text:
                 ask.on_text(piece)
-        return Run(self.name, text, 5.0, 1.0, 3, 2, 100.0, 0.5, True, self.confidence, "fake", "eos")
+        run = Run(self.name, text, 5.0, 1.0, 3, 2, 100.0, 0.5, True, self.confidence, "fake", "eos")
+        if ask.verify is not None:  # as if it kept 3 of the 4 tokens of the answer it checked
+            run.draft, run.draft_tokens, run.accepted_tokens = "answer", 4, 3
+        return run
 
 
 def policy(escalate: bool = True, budget: float = 1000, max_loaded: int = 4, mode: str = "verify") -> Policy:
@@ -164,6 +167,15 @@ def test_escalation_verifies_the_first_answer_or_regenerates(parts, mode: str) -
     assert record["model"] == "big"
     assert [a.verify for a in members["coder"].asks] == [None]
     assert [a.verify for a in members["big"].asks] == (["coder: code"] if mode == "verify" else [None])
+    assert ("kept 3 of the 4 answer tokens" in record["routing"]["reason"]) == (mode == "verify")
+    for i in range(3):
+        record = calm.answer({"id": i + 2, "query": "code"})
+    # What verification learned is evidence in the knowledge base: how much of coder's answers big keeps.
+    learned = "recent verified escalations from coder kept 75% of its answers' tokens (n=3)"  # before this one
+    assert (learned in record["routing"]["reason"]) == (mode == "verify")
+    rows = [r for r in calm.kb.recent("big") if r["escalated_from"] == "coder"]
+    assert [(r["draft_tokens"], r["accepted_tokens"]) for r in rows] == \
+        ([(4, 3)] * 4 if mode == "verify" else [(None, None)] * 4)
 
 
 def test_a_sure_answer_is_held_back_whole_then_given(parts) -> None:

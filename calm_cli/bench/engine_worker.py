@@ -1,6 +1,8 @@
 """One engine-benchmark measurement in a fresh process, so that load time and peak memory are its own.
 
-Systems: calm (this engine on the exported ONNX), llama.cpp (llama-cpp-python on the same GGUF), optimum
+Systems: calm (this engine on the exported ONNX), calm+draft (the same with speculative decoding: prompt-lookup
+drafts or a draft model's export; the row adds the acceptance rate and whether the tokens equal calm's greedy
+decoding at two rows per step, as it serves, bit for bit), llama.cpp (llama-cpp-python on the same GGUF), optimum
 (ORTModelForCausalLM on Optimum's own graph of calm's export of the same precision) and transformers (PyTorch
 on the GGUF, dequantized). Every system gets the same prompt token ids and generates exactly `--tokens` tokens
 greedily (end of sequence ignored), so decode rates compare like with like. Prints one JSON line.
@@ -93,6 +95,50 @@ def _calm(export_dir: Path, threads: int) -> tuple[RunFn, str, ProfileFn | None]
     return run, decoder.provider, profile
 
 
+def _calm_draft(export_dir: Path, draft: str, k: str, extra: dict) -> tuple[RunFn, str, ProfileFn | None]:
+    """calm with speculative decoding; `extra` receives the acceptance rate (over every timed run) and, after
+    the last, whether its tokens equal the two-row greedy tokens."""
+    import numpy as np
+
+    from calm_cli.engine.decoder import Decoder
+    from calm_cli.engine.speculate import Counts, Speculation, VerifyKV, speculative_steps
+
+    decoder = Decoder.load(export_dir)
+    drafter = None if draft == "prompt-lookup" else Decoder.load(Path(draft))
+    speculation = Speculation(4 if k == "adaptive" else int(k), k == "adaptive", model=drafter,
+                              model_name=None if drafter is None else Path(draft).parent.name)
+    tally = {"drafted": 0, "accepted": 0}
+    extra["draft"] = "prompt-lookup" if drafter is None else Path(draft).parent.name
+    extra["k"] = k
+
+    def two_rows(ids: list[int], n: int) -> list[int]:
+        kv = VerifyKV(decoder, len(ids) + n + 2, 2)
+        out = [int(np.argmax(kv.feed([ids])[0]))]
+        while len(out) < n:
+            out.append(int(np.argmax(kv.feed_all([out[-1], out[-1]])[0])))
+            kv.rollback(1)
+        return out
+
+    def run(ids: list[int], n: int) -> tuple[float, float]:
+        counts = Counts()
+        tokens: list[int] = []
+        start = time.perf_counter()
+        first = None
+        for step in speculative_steps(decoder, ids, n, speculation, counts=counts, stop_at_eos=False):
+            first = first or time.perf_counter()
+            tokens.append(step.token)
+        total = time.perf_counter() - start
+        if n > 4:  # the timed runs, not the warm-up
+            tally["drafted"] += counts.drafted
+            tally["accepted"] += counts.accepted
+            extra["acceptance_rate"] = round(tally["accepted"] / max(tally["drafted"], 1), 3)
+            if "greedy_equal" not in extra:
+                extra["greedy_equal"] = tokens == two_rows(ids, n)
+        return first - start, total
+
+    return run, decoder.provider, None
+
+
 def _llama_cpp(gguf: Path, threads: int) -> tuple[RunFn, str, ProfileFn | None]:
     from llama_cpp import Llama
 
@@ -160,7 +206,10 @@ def _transformers(gguf: Path, threads: int) -> tuple[RunFn, str, ProfileFn | Non
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--system", required=True, choices=["calm", "llama.cpp", "optimum", "transformers"])
+    parser.add_argument("--system", required=True,
+                        choices=["calm", "calm+draft", "llama.cpp", "optimum", "transformers"])
+    parser.add_argument("--draft", default="prompt-lookup", help="calm+draft: prompt-lookup or a draft's export")
+    parser.add_argument("--k", default="4", help="calm+draft: draft tokens per check, or adaptive")
     parser.add_argument("--path", type=Path, required=True, help="export directory or GGUF file")
     parser.add_argument("--prompt-ids", required=True, help="comma-separated token ids")
     parser.add_argument("--tokens", type=int, default=128)
@@ -170,8 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     report_to, sys.stdout = sys.stdout, sys.stderr
     ids = [int(t) for t in args.prompt_ids.split(",")]
     start = time.perf_counter()
-    build = {"calm": _calm, "llama.cpp": _llama_cpp, "optimum": _optimum, "transformers": _transformers}
-    run, provider, profile = build[args.system](args.path, args.threads)
+    extra: dict = {}
+    if args.system == "calm+draft":
+        run, provider, profile = _calm_draft(args.path, args.draft, args.k, extra)
+    else:
+        build = {"calm": _calm, "llama.cpp": _llama_cpp, "optimum": _optimum, "transformers": _transformers}
+        run, provider, profile = build[args.system](args.path, args.threads)
     load_s = time.perf_counter() - start
     run(ids, 4)  # warm-up: first-call allocations are not the steady state
     ttfts, rates = [], []
@@ -186,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_tokens": len(ids), "new_tokens": args.tokens,
     }
     row["products_share"] = None if profile is None else round(profile(ids, args.tokens), 3)
+    row |= extra
     print(json.dumps(row), file=report_to, flush=True)
     return 0
 

@@ -120,11 +120,12 @@ def run_drafts(spec: ModelSpec, store: Store, precision: str, n: int, tokens: in
                     f"{way}_diverged_at": _diverged(out, want)}
         rows.append(row)
         log(f"bench speculate: {row}")
+    drafts = list(ways)[2:]
     return {"model": spec.name, "precision": precision, "k": "adaptive" if adaptive else k, "max_tokens": tokens,
-            "drafts": list(ways)[2:], "rows": rows,
-            "speedup": {way: _summary(rows, f"{way}_speedup", np.mean) for way in list(ways)[2:]},
-            "vs_served": {way: _summary(rows, f"{way}_vs_served", np.mean) for way in list(ways)[2:]},
-            "identical": {way: sum(r[f"{way}_diverged_at"] is None for r in rows) for way in ["plain", *list(ways)[2:]]}}
+            "drafts": drafts, "rows": rows,
+            "speedup": {way: _summary(rows, f"{way}_speedup", np.mean) for way in drafts},
+            "vs_served": {way: _summary(rows, f"{way}_vs_served", np.mean) for way in drafts},
+            "identical": {way: sum(r[f"{way}_diverged_at"] is None for r in rows) for way in ["plain", *drafts]}}
 
 
 def run_escalate(larger: ModelSpec, firsts: list[ModelSpec], store: Store, precision: str, n: int, tokens: int,
@@ -138,8 +139,8 @@ def run_escalate(larger: ModelSpec, firsts: list[ModelSpec], store: Store, preci
     rows = []
     for i, (kind, question) in enumerate(prompts(store, n)):
         prompt = render(larger.prompt, question)
-        answers = {s.name: complete(small[s.name], render(s.prompt, question), tokens, stop=stop_strings(s.prompt)).text
-                   for s in firsts}
+        answers = {s.name: complete(small[s.name], render(s.prompt, question), tokens,
+                                    stop=stop_strings(s.prompt)).text for s in firsts}
         ways: dict[str, Speculation | None] = {"alone": None, "alone+lookup": Speculation(k)}
         ways |= {f"verify:{name}": Speculation(k, True, reference=text) for name, text in answers.items()}
         names = list(ways)
@@ -151,7 +152,8 @@ def run_escalate(larger: ModelSpec, firsts: list[ModelSpec], store: Store, preci
         row: dict = {"item": i, "kind": kind, "tokens": alone.tokens_out, "alone_s": round(alone.latency_ms / 1000, 3)}
         for way in names[1:]:
             c = done[way]
-            row |= {f"{way}_s": round(c.latency_ms / 1000, 3), f"{way}_ratio": round(c.latency_ms / alone.latency_ms, 3),
+            row |= {f"{way}_s": round(c.latency_ms / 1000, 3),
+                    f"{way}_ratio": round(c.latency_ms / alone.latency_ms, 3),
                     f"{way}_kept": f"{c.accepted_tokens}/{c.draft_tokens}",
                     f"{way}_same": _diverged(c.token_ids, want) is None}
         row["alone_same"] = _diverged(alone.token_ids, want) is None

@@ -249,15 +249,17 @@ def _accept(rows: np.ndarray, proposal: list[int], dists: list[np.ndarray] | Non
 
 
 def speculative_steps(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, speculation: Speculation,
-                      sampling: Sampling = Sampling(), counts: Counts | None = None) -> Iterator[Step]:
-    """As decode.generate: the chosen tokens with their log-probabilities, stopping at the model's stop tokens,
-    but checked a draft at a time. `counts` (if given) is kept up to date."""
+                      sampling: Sampling = Sampling(), counts: Counts | None = None,
+                      stop_at_eos: bool = True) -> Iterator[Step]:
+    """As decode.generate: the chosen tokens with their log-probabilities, stopping at the model's stop tokens
+    (unless not `stop_at_eos`: benchmarks of a fixed length), but checked a draft at a time. `counts` (if given)
+    is kept up to date."""
     if not decoder.fused:
         raise ValueError("speculative decoding needs the fused graph (an int4 or fused fp32 export)")
     counts = counts if counts is not None else Counts()
     sampler = Sampler(sampling)
     draft = speculation.open(decoder, prompt_ids, max_new_tokens, sampler)
-    stops = set(decoder.tokenizer.stop_ids)
+    stops = set(decoder.tokenizer.stop_ids) if stop_at_eos else set()
     kv = VerifyKV(decoder, len(prompt_ids) + max_new_tokens + draft.widest + 1, draft.widest + 1)
     last = kv.feed([prompt_ids])[0]
     following = sampler.choose(last)
@@ -294,11 +296,11 @@ class Speculated:
 
 
 def speculate(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, speculation: Speculation,
-              sampling: Sampling = Sampling()) -> Speculated:
+              sampling: Sampling = Sampling(), stop_at_eos: bool = True) -> Speculated:
     """The model's continuation of `prompt_ids` (stopping at its stop tokens), checked a draft at a time."""
     counts = Counts()
     tokens = [s.token for s in speculative_steps(decoder, prompt_ids, max_new_tokens, speculation, sampling,
-                                                 counts)]
+                                                 counts, stop_at_eos)]
     return Speculated(tokens, counts.steps, counts.drafted, counts.accepted)
 
 

@@ -25,7 +25,8 @@ OBSERVATION_REQUIRED = ("ts", "request_id", "policy", "model", "latency_ms", "tt
                         "tokens_in", "tokens_out", "tokens_per_s", "energy_j", "energy_estimated", "memory_mb",
                         "cache_hit", "provider")
 OBSERVATION_DEFAULTS: dict[str, Any] = {"domain": None, "confidence": None, "escalated_from": None,
-                                        "error_code": None, "injected_slowdown": 1.0}
+                                        "error_code": None, "injected_slowdown": 1.0, "draft_tokens": None,
+                                        "accepted_tokens": None}
 OBSERVATION_FIELDS = OBSERVATION_REQUIRED + tuple(OBSERVATION_DEFAULTS)
 PROFILE_METRICS = ("load_ms", "ttft_ms", "tokens_per_s", "joules_per_token", "memory_mb", "energy_estimated",
                    "confidence", "n_samples", "updated_at")

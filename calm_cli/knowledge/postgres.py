@@ -120,6 +120,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL)",
         "INSERT INTO meta (key, value) VALUES ('learned_version', 0)",
     ),
+    (  # 6: draft tokens a run checked and kept (speculative decoding): on an escalation by verification, how
+       # much of the first member's answer the larger member kept, i.e. how often the two agree
+        "ALTER TABLE observations ADD COLUMN draft_tokens BIGINT CHECK (draft_tokens >= 0)",
+        "ALTER TABLE observations ADD COLUMN accepted_tokens BIGINT CHECK (accepted_tokens >= 0)",
+    ),
 )
 _BUMP = "UPDATE meta SET value = value + 1 WHERE key = 'learned_version'"
 _TYPES = {"INTEGER": "bigint", "REAL": "double precision", "TEXT": "text", "BLOB": "bytea"}  # SQLite's -> ours

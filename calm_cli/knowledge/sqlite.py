@@ -121,6 +121,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
         "INSERT INTO meta (key, value) VALUES ('learned_version', 0)",
     ),
+    (  # 6: draft tokens a run checked and kept (speculative decoding): on an escalation by verification, how
+       # much of the first member's answer the larger member kept, i.e. how often the two agree
+        "ALTER TABLE observations ADD COLUMN draft_tokens INTEGER CHECK (draft_tokens >= 0)",
+        "ALTER TABLE observations ADD COLUMN accepted_tokens INTEGER CHECK (accepted_tokens >= 0)",
+    ),
 )
 _BUMP = "UPDATE meta SET value = value + 1 WHERE key = 'learned_version'"
 TABLES = ("observations", "profiles", "calibration")  # what calm learned; `meta` is bookkeeping

@@ -132,6 +132,16 @@ class Analyzer:
         recent = self.knowledge.recent(name, self.window) if self.window else []
         return health(name, recent, self.goals, self.profile(name))
 
+    def agreement(self, first: str, larger: str) -> tuple[float, int] | None:
+        """How much of `first`'s answers `larger` kept when it verified them on escalation (mode verify), as
+        the fraction of checked tokens kept over its recent verifications, and how many those were; None before
+        MIN_SAMPLES. A direct measure of whether the two members agree, for Plan and the record's reason."""
+        rows = [r for r in self.knowledge.recent(larger, 10 * self.window or 200)
+                if r["escalated_from"] == first and r.get("draft_tokens") and not r.get("error_code")]
+        if len(rows) < MIN_SAMPLES:
+            return None
+        return sum(r["accepted_tokens"] for r in rows) / sum(r["draft_tokens"] for r in rows), len(rows)
+
     def predict(self, name: str, loaded: bool) -> Prediction:
         """What a request is expected to cost on `name`: recent runs, else its profile, else unknown."""
         member, profile, h = self.members[name], self.profile(name), self.health(name)

@@ -106,6 +106,12 @@ class Calm:
                 else:
                     runs.append(second)
                     reason += f"; escalated to {larger.model}: {escalation.reason}"
+                    if second.draft == "answer":
+                        reason += (f"; it kept {second.accepted_tokens} of the {second.draft_tokens} answer tokens "
+                                   "it checked")
+                if (agreed := self.analyzer.agreement(first.run.model, larger.model)) is not None:
+                    reason += (f"; recent verified escalations from {first.run.model} kept {agreed[0]:.0%} of its "
+                               f"answers' tokens (n={agreed[1]})")
         self.executor.record(runs, request_id=request_id, domain=domain, queue_ms=queue_ms + first.queued_ms)
         streamed = stream and (len(runs) > 1 or not may_escalate or first.run.model == larger.model)
         return Served(decision, runs, reason, first.fallback_from, routing_ms,

@@ -78,6 +78,8 @@ def observation(run: Run, *, request_id: Any, policy: str, domain: str | None, q
         "energy_j": run.energy_j, "energy_estimated": run.energy_estimated, "memory_mb": None,
         "confidence": None if math.isnan(run.confidence) else run.confidence, "cache_hit": run.hit, "provider": run.provider,
         "escalated_from": escalated_from, "error_code": None, "injected_slowdown": run.injected_slowdown,
+        "draft_tokens": run.draft_tokens if run.draft else None,
+        "accepted_tokens": run.accepted_tokens if run.draft else None,
     }
 
 
