@@ -635,8 +635,8 @@ def bench_speculate(member: str, parts: list[str], draft: str | None, firsts: li
         drafted = _specs((draft,))[0] if draft else None
         result["drafts"] = out = speculate.run_drafts(spec, _store(), precision, n, tokens, k_start, adaptive,
                                                       drafted, _echo_err)
-        headers = ["item", "kind", "tokens", "plain_s", "served_s"] + [
-            f"{w}_{c}" for w in out["drafts"] for c in ("speedup", "vs_served", "acceptance", "diverged_at")]
+        headers = ["item", "kind", "tokens", "plain_s", "served_s", "served_diverged_at"] + [
+            f"{w}_{c}" for w in out["drafts"] for c in ("speedup", "vs_served", "acceptance", "diverged_at", "gap")]
         click.echo(tabulate([[r[h] for h in headers] for r in out["rows"]], headers=headers))
         for way, kinds in out["speedup"].items():
             for kind, (mean, lo, hi, count) in kinds.items():
@@ -644,8 +644,9 @@ def bench_speculate(member: str, parts: list[str], draft: str | None, firsts: li
                 click.echo(f"{spec.name} with {way} drafts ({out['k']}), {kind}: {mean:.2f}x plain greedy, "
                            f"{served_mean:.2f}x the served two-row decoding (means of {count} prompts; 95% "
                            f"intervals {lo:.2f}-{hi:.2f}, {served_lo:.2f}-{served_hi:.2f})")
-            click.echo(f"  the served greedy tokens on {out['identical'][way]}/{len(out['rows'])} "
-                       f"(plain one-row greedy: {out['identical']['plain']}/{len(out['rows'])})")
+            click.echo(f"  plain greedy's tokens on {out['identical'][way]}/{len(out['rows'])} (the served way's: "
+                       f"{out['identical']['served']}/{len(out['rows'])}; the largest logit gap where any parted: "
+                       f"{out['largest_gap']})")
     if "escalate" in parts:
         result["escalate"] = out = speculate.run_escalate(spec, _specs(tuple(firsts)), _store(), precision, n,
                                                           tokens, k_start, _echo_err)
@@ -656,8 +657,8 @@ def bench_speculate(member: str, parts: list[str], draft: str | None, firsts: li
             for kind, (median, lo, hi, count) in kinds.items():
                 click.echo(f"{spec.name} {way}, {kind}: {median:.2f}x the time of answering alone (median of "
                            f"{count}; 95% interval {lo:.2f}-{hi:.2f})")
-            click.echo(f"  the served greedy answer on {out['same'][way]}/{len(out['rows'])} "
-                       f"(answering alone one row per step: {out['same']['alone']}/{len(out['rows'])})")
+            click.echo(f"  the same answer as alone on {out['same'][way]}/{len(out['rows'])} (the largest logit gap "
+                       f"where any parted: {out['largest_gap']})")
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 

@@ -113,7 +113,7 @@ def test_bench_engine_runs_calm_and_optimum_on_the_same_export(fleet_store, tmp_
 @pytest.mark.fleet
 def test_bench_engine_calm_with_drafts_on_code_and_prose(fleet_store, tmp_path: Path) -> None:
     """calm+draft rows: prompt lookup on each prompt, with the acceptance rate and whether the tokens equal
-    calm's served greedy tokens."""
+    calm's plain greedy tokens."""
     exported = CliRunner().invoke(main, ["models", "export", "smollm2-135m", "--precision", "int4"])
     assert exported.exit_code == 0, exported.output
     out = tmp_path / "engine.json"
@@ -127,5 +127,6 @@ def test_bench_engine_calm_with_drafts_on_code_and_prose(fleet_store, tmp_path: 
     for row in rows[1::2]:
         assert row["draft"] == "prompt-lookup" and row["k"] == "adaptive" and row["decode_tok_s"] > 0
         assert 0 <= row["acceptance_rate"] <= 1 and isinstance(row["greedy_equal"], bool)
+        assert row["greedy_equal"] == (row["diverged_at"] is None)
     bad = CliRunner().invoke(main, ["bench", "engine", "--prompts", "poetry"])
     assert bad.exit_code == 2 and "--prompts takes prose, code" in bad.output

@@ -100,7 +100,7 @@ class Rig:
                  costs: dict[str, float] | None = None, rows: dict[str, int | None] | None = None,
                  budget: float = 10_000, max_loaded: int = 4, eviction: str = "lru", prefetch: bool = False,
                  pinned: tuple[str, ...] = (), concurrency: int = 1, discipline: str = "fifo",
-                 parallel: dict[str, int] | None = None, drafts: dict[str, str] | None = None):
+                 parallel: dict[str, int] | None = None, drafts: dict[str, str | None] | None = None):
         sizes, measured, costs = sizes or {}, measured or {}, costs or {}
         self.rows = rows or {}
         self.parallel = parallel or {}
@@ -501,6 +501,14 @@ SCENARIOS = [
              lent("q2", "d"), [],
              stepped("a", done=["q2"]), [fin("q2")],
              in_use("d", 0), []),
+    scenario("a-member-drafting-by-prompt-lookup-answers-alone-and-borrows-nothing",
+             {"rows": {"a": 4}, "drafts": {"a": None}},
+             submit("q1", "a"), [load("a")],
+             submit("q2", "a"), [],
+             loaded("a"), [step("a", "q1", alone=True)],
+             lent("q1", None), [],
+             stepped("a", done=["q1"]), [fin("q1"), step("a", "q2", alone=True)],
+             stepped("a", done=["q2"]), [fin("q2")]),
     scenario("a-draft-that-would-need-an-eviction-is-not-loaded",
              {"drafts": {"a": "d"}, "prefetch": True, "sizes": {"a": 1500, "d": 800}, "budget": 2000},
              submit("q1", "a"), [load("a")],
@@ -593,7 +601,7 @@ def fleets(draw) -> dict:
         "pinned": draw(st.sampled_from([(), (), ("a",)])),
         "concurrency": draw(st.integers(1, 3)),
         "discipline": draw(st.sampled_from(["fifo", "sjf"])),
-        "drafts": draw(st.sampled_from([{}, {"c": "a"}, {"b": "a", "c": "a"}])),
+        "drafts": draw(st.sampled_from([{}, {"c": "a"}, {"b": "a", "c": "a"}, {"a": None}])),
     }
 
 

@@ -1,10 +1,10 @@
 """One engine-benchmark measurement in a fresh process, so that load time and peak memory are its own.
 
 Systems: calm (this engine on the exported ONNX), calm+draft (the same with speculative decoding: prompt-lookup
-drafts or a draft model's export; the row adds the acceptance rate and whether the tokens equal calm's greedy
-decoding at two rows per step, as it serves, bit for bit), llama.cpp (llama-cpp-python on the same GGUF), optimum
-(ORTModelForCausalLM on Optimum's own graph of calm's export of the same precision) and transformers (PyTorch
-on the GGUF, dequantized). Every system gets the same prompt token ids and generates exactly `--tokens` tokens
+drafts or a draft model's export; the row adds the acceptance rate, whether its tokens equal calm's plain greedy
+decoding and, where not, the two candidates' logit gap where they part), llama.cpp (llama-cpp-python on the
+same GGUF), optimum (ORTModelForCausalLM on Optimum's own graph of calm's export of the same precision) and
+transformers (PyTorch on the GGUF, dequantized). Every system gets the same prompt token ids and generates exactly `--tokens` tokens
 greedily (end of sequence ignored), so decode rates compare like with like. Prints one JSON line.
 
 For the two onnxruntime systems one more, profiled, generation (after the timed ones, so it does not slow them)
@@ -96,12 +96,12 @@ def _calm(export_dir: Path, threads: int) -> tuple[RunFn, str, ProfileFn | None]
 
 
 def _calm_draft(export_dir: Path, draft: str, k: str, extra: dict) -> tuple[RunFn, str, ProfileFn | None]:
-    """calm with speculative decoding; `extra` receives the acceptance rate (over every timed run) and, after
-    the last, whether its tokens equal the two-row greedy tokens."""
-    import numpy as np
-
+    """calm with speculative decoding; `extra` receives the acceptance rate (over every timed run) and whether
+    its tokens equal plain greedy decoding's (with the logit gap where they part, if they do)."""
+    from calm_cli.bench.speculate import divergence
+    from calm_cli.engine.decode import generate
     from calm_cli.engine.decoder import Decoder
-    from calm_cli.engine.speculate import Counts, Speculation, VerifyKV, speculative_steps
+    from calm_cli.engine.speculate import Counts, Speculation, speculative_steps
 
     decoder = Decoder.load(export_dir)
     drafter = None if draft == "prompt-lookup" else Decoder.load(Path(draft))
@@ -110,14 +110,6 @@ def _calm_draft(export_dir: Path, draft: str, k: str, extra: dict) -> tuple[RunF
     tally = {"drafted": 0, "accepted": 0}
     extra["draft"] = "prompt-lookup" if drafter is None else Path(draft).parent.name
     extra["k"] = k
-
-    def two_rows(ids: list[int], n: int) -> list[int]:
-        kv = VerifyKV(decoder, len(ids) + n + 2, 2)
-        out = [int(np.argmax(kv.feed([ids])[0]))]
-        while len(out) < n:
-            out.append(int(np.argmax(kv.feed_all([out[-1], out[-1]])[0])))
-            kv.rollback(1)
-        return out
 
     def run(ids: list[int], n: int) -> tuple[float, float]:
         counts = Counts()
@@ -133,7 +125,9 @@ def _calm_draft(export_dir: Path, draft: str, k: str, extra: dict) -> tuple[RunF
             tally["accepted"] += counts.accepted
             extra["acceptance_rate"] = round(tally["accepted"] / max(tally["drafted"], 1), 3)
             if "greedy_equal" not in extra:
-                extra["greedy_equal"] = tokens == two_rows(ids, n)
+                plain = [step.token for step in generate(decoder, ids, n, stop_at_eos=False)]
+                at, gap = divergence(decoder, ids, tokens, plain)
+                extra.update(greedy_equal=at is None, diverged_at=at, diverged_gap=gap)
         return first - start, total
 
     return run, decoder.provider, None

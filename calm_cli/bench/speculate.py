@@ -6,9 +6,10 @@
   from the first disagreement, against the larger member answering alone (plain, and with prompt lookup).
 
 Each system runs each prompt once, in an order that rotates per prompt; ratios are per prompt, summarised with a
-95% bootstrap interval. The time baseline is plain greedy decoding one row per step (the fastest plain way);
-outputs are compared token by token with greedy decoding at two rows per step, as the member decodes when it
-serves (engine/batch.py: onnxruntime's 4-bit kernel rounds one row differently from several)."""
+95% bootstrap interval. The time baselines are plain greedy decoding (one position per step, the fastest plain
+way) and the served way (the batch path, as a member decodes a request alone when it serves). Outputs are
+compared token by token with plain greedy decoding; where they part, the logit gap between the two candidates
+there says whether it is a near-tie that rounding decides (engine/speculate.py) or a fault."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from calm_cli.engine.decode import greedy
 from calm_cli.engine.decoder import Decoder
 from calm_cli.engine.prompt import render, stop_strings
 from calm_cli.engine.sampling import Sampler, Sampling
-from calm_cli.engine.speculate import Speculation, speculate
+from calm_cli.engine.speculate import Speculation, VerifyKV, speculate
 from calm_cli.engine.textstream import TextStream
 from calm_cli.eval import tasks
 from calm_cli.fleet.lock import ModelSpec
@@ -73,6 +74,16 @@ def _diverged(got: list[int], want: list[int]) -> int | None:
     return next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
 
 
+def divergence(decoder: Decoder, ids: list[int], got: list[int], want: list[int]) -> tuple[int | None, float | None]:
+    """Where `got` parts from `want`, and the gap between the logits of the two tokens chosen there (after the
+    tokens they share, the model's own figures): a near-tie that rounding decides is a few hundredths at most."""
+    at = _diverged(got, want)
+    if at is None or at >= min(len(got), len(want)):
+        return at, None
+    logits = VerifyKV(decoder, len(ids) + at + 1, 1).feed([ids + want[:at]])[0]
+    return at, round(abs(float(logits[want[at]]) - float(logits[got[at]])), 4)
+
+
 def _summary(rows: list[dict], key: str, stat: Callable[[np.ndarray], float]) -> dict:
     out = {}
     for kind in ("code", "prose", "all"):
@@ -84,9 +95,9 @@ def _summary(rows: list[dict], key: str, stat: Callable[[np.ndarray], float]) ->
 
 def run_drafts(spec: ModelSpec, store: Store, precision: str, n: int, tokens: int, k: int, adaptive: bool,
                draft: ModelSpec | None, log: Callable[[str], None]) -> dict:
-    """Plain greedy (one row per step) and the served way (two rows per step, as a member decodes alone in a
-    batch) against prompt lookup (and the draft model): per prompt the speedup over each, the acceptance, and
-    where the tokens leave the served greedy tokens (if they do)."""
+    """Plain greedy (one position per step) and the served way (the batch path) against prompt lookup (and the
+    draft model): per prompt the speedup over each, the acceptance, and where the tokens leave plain greedy
+    decoding's (if they do) with the logit gap there."""
     decoder = Decoder.load(store.exports(spec.name)[precision])
     drafter = Decoder.load(store.exports(draft.name)[precision]) if draft else None
     ways: dict[str, Speculation | None] = {"plain": None, "served": None, "prompt-lookup": Speculation(k, adaptive)}
@@ -108,16 +119,16 @@ def run_drafts(spec: ModelSpec, store: Store, precision: str, n: int, tokens: in
                 got = speculate(decoder, ids, tokens, ways[way])
                 out, drafted, accepted = got.tokens, got.drafted, got.accepted
             timed[way] = (time.perf_counter() - started, out, drafted, accepted)
-        plain_s, want = timed["plain"][0], timed["served"][1]
-        row: dict = {"item": i, "kind": kind, "tokens": len(timed["plain"][1]), "plain_s": round(plain_s, 3),
-                     "plain_diverged_at": _diverged(timed["plain"][1], want),
+        plain_s, want = timed["plain"][0], timed["plain"][1]
+        row: dict = {"item": i, "kind": kind, "tokens": len(want), "plain_s": round(plain_s, 3),
                      "served_s": round(timed["served"][0], 3)}
+        row["served_diverged_at"], row["served_gap"] = divergence(decoder, ids, timed["served"][1], want)
         for way in names[2:]:
             seconds, out, drafted, accepted = timed[way]
             row |= {f"{way}_s": round(seconds, 3), f"{way}_speedup": round(plain_s / seconds, 3),
                     f"{way}_vs_served": round(timed["served"][0] / seconds, 3),
-                    f"{way}_acceptance": round(accepted / drafted, 3) if drafted else None,
-                    f"{way}_diverged_at": _diverged(out, want)}
+                    f"{way}_acceptance": round(accepted / drafted, 3) if drafted else None}
+            row[f"{way}_diverged_at"], row[f"{way}_gap"] = divergence(decoder, ids, out, want)
         rows.append(row)
         log(f"bench speculate: {row}")
     drafts = list(ways)[2:]
@@ -125,7 +136,9 @@ def run_drafts(spec: ModelSpec, store: Store, precision: str, n: int, tokens: in
             "drafts": drafts, "rows": rows,
             "speedup": {way: _summary(rows, f"{way}_speedup", np.mean) for way in drafts},
             "vs_served": {way: _summary(rows, f"{way}_vs_served", np.mean) for way in drafts},
-            "identical": {way: sum(r[f"{way}_diverged_at"] is None for r in rows) for way in ["plain", *drafts]}}
+            "identical": {way: sum(r[f"{way}_diverged_at"] is None for r in rows) for way in ["served", *drafts]},
+            "largest_gap": max((r[f"{w}_gap"] for r in rows for w in ["served", *drafts] if r[f"{w}_gap"] is not None),
+                               default=None)}
 
 
 def run_escalate(larger: ModelSpec, firsts: list[ModelSpec], store: Store, precision: str, n: int, tokens: int,
@@ -148,15 +161,17 @@ def run_escalate(larger: ModelSpec, firsts: list[ModelSpec], store: Store, preci
         done = {}
         for way in order:
             done[way] = complete(big, prompt, tokens, stop=stops, speculation=ways[way])
-        alone, want = done["alone"], served(big, big.encode(prompt), tokens)
+        alone = done["alone"]
         row: dict = {"item": i, "kind": kind, "tokens": alone.tokens_out, "alone_s": round(alone.latency_ms / 1000, 3)}
         for way in names[1:]:
             c = done[way]
             row |= {f"{way}_s": round(c.latency_ms / 1000, 3),
                     f"{way}_ratio": round(c.latency_ms / alone.latency_ms, 3),
                     f"{way}_kept": f"{c.accepted_tokens}/{c.draft_tokens}",
-                    f"{way}_same": _diverged(c.token_ids, want) is None}
-        row["alone_same"] = _diverged(alone.token_ids, want) is None
+                    f"{way}_same": c.text == alone.text}
+            if c.text != alone.text:
+                row[f"{way}_diverged_at"], row[f"{way}_gap"] = divergence(big, big.encode(prompt), c.token_ids,
+                                                                          alone.token_ids)
         for name, text in answers.items():
             row[f"first:{name}_tokens"] = len(big.encode(text)) if text else 0
         rows.append(row)
@@ -165,4 +180,6 @@ def run_escalate(larger: ModelSpec, firsts: list[ModelSpec], store: Store, preci
     return {"larger": larger.name, "firsts": [s.name for s in firsts], "precision": precision, "max_tokens": tokens,
             "k": k, "rows": rows,
             "ratio": {way: _summary(rows, f"{way}_ratio", np.median) for way in ways_all},
-            "same": {way: sum(r[f"{way}_same"] for r in rows) for way in ["alone", *ways_all]}}
+            "same": {way: sum(r[f"{way}_same"] for r in rows) for way in ways_all},
+            "largest_gap": max((r[k] for r in rows for k in r if k.endswith("_gap") and r[k] is not None),
+                               default=None)}

@@ -10,11 +10,13 @@ Three drafts, one loop (`speculative_steps`):
 - a draft model with the same tokenizer (Qwen2.5-Coder-0.5B for the 1.5B): it decodes k tokens one by one.
 
 Acceptance. Greedy: the longest prefix equal to the model's own argmax, then the model's token, so the output is
-the model's greedy output. Exactly so: onnxruntime's 4-bit MatMulNBits computes one row (M = 1) with another
-kernel than several (Qwen2.5-Coder-1.5B's logits 0.24 apart, SmolLM2's 0.42), but rows of a product of M >= 2
-are bit-identical whatever M is. So every check here runs at least two positions (a draft that found nothing
-proposes a guess: the last token again), as every step of a batch does (engine/batch.py): the greedy tokens
-are those of the member's batched decoding, bit for bit. Sampling: speculative sampling's rule (Leviathan
+the model's greedy output up to floating-point rounding, which differs between the ways the same positions can
+be computed: onnxruntime's 4-bit MatMulNBits computes one row (M = 1) with another kernel than several (the
+1.5B's logits up to 0.24 apart, SmolLM2's 0.42; rows of any M >= 2 are bit-identical), and GroupQueryAttention
+computes several new positions of one sequence (a check) with another kernel than one position of each of
+several sequences (a batch step). Where two tokens nearly tie (0.002-0.02 logits apart at the divergences
+measured, docs/ENGINE.md) the choice can flip; plain one-row decoding and batched decoding differ the same way.
+Sampling: speculative sampling's rule (Leviathan
 et al. 2023; Chen et al. 2023): keep draft token x with probability min(1, p(x)/q(x)) and, at the first
 rejection, draw from max(0, p - q) renormalised, so the output distribution is the model's own (q is one-hot for
 lookup and reference drafts, the draft model's own distribution otherwise).
@@ -272,8 +274,6 @@ def speculative_steps(decoder: Decoder, prompt_ids: list[int], max_new_tokens: i
         if made == max_new_tokens:
             return
         proposal, dists = draft.propose(context, max_new_tokens - made)
-        if not proposal:  # a guess instead of nothing: every check then runs >= 2 rows (see the module's note)
-            proposal, dists = [following], None
         rows = kv.feed_all([following, *proposal])
         counts.steps += 1
         kept, following = _accept(rows, proposal, dists, sampler, stops)

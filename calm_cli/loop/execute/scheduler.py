@@ -16,10 +16,10 @@ loaded once the eviction policy finds room among the idle ones. A ticket whose m
 members run requests holds the queue: nothing behind it overtakes it, so it cannot starve. At most
 `concurrency` steps run at once: different members in parallel, one member's steps one after another.
 
-Drafts: a member whose policy names a draft member (speculative decoding) answers one request at a time, and
-for each such run the scheduler lends it the draft's session when the draft is loaded (a lease, so the draft is
-not evicted under it); when it is not, the run decodes without it and the draft is prefetched if it fits without
-evicting anything. A verification job (escalation checking the first answer) also runs alone.
+Drafts: a member whose policy names a draft (speculative decoding: prompt-lookup or a draft member) answers one
+request at a time, trading batching for single-request speed; for a draft member, the scheduler lends each such
+run the draft's session when the draft is loaded (a lease, so the draft is not evicted under it); when it is
+not, the run decodes with prompt lookup and the draft is prefetched if it fits without evicting anything. A verification job (escalation checking the first answer) also runs alone.
 """
 
 from __future__ import annotations
@@ -155,12 +155,12 @@ class Scheduler:
 
     def __init__(self, cache: MemberCache, effects: Effects, *, discipline: str = "fifo", concurrency: int = 1,
                  ageing: float = AGEING, clock: Callable[[], float] = time.monotonic,
-                 drafts: Mapping[str, str] | None = None):
+                 drafts: Mapping[str, str | None] | None = None):
         if discipline not in ("fifo", "sjf"):
             raise ValueError(f"queue discipline {discipline!r} is not one of fifo, sjf")
         self.cache, self.effects, self.discipline = cache, effects, discipline
         self.concurrency, self.ageing, self.clock = max(1, concurrency), ageing, clock
-        self.drafts = dict(drafts or {})  # member -> the member that drafts for it
+        self.drafts = dict(drafts or {})  # member -> the member that drafts for it (None: prompt lookup)
         self.waiting: list[Ticket] = []
         self.seats: dict[str, _Seat] = {}
         self.loading: dict[str, list[str]] = {}  # member -> what its begin_load evicted
@@ -441,7 +441,8 @@ class Driver:
 
     def __init__(self, members: Mapping[str, Member], cache: MemberCache, *, discipline: str, concurrency: int):
         self.members = members
-        drafts = {name: m.config.draft_model for name, m in members.items() if not m.remote and m.config.draft_model}
+        drafts = {name: m.config.draft_model for name, m in members.items()
+                  if not m.remote and m.config.draft not in (None, "none")}
         self.scheduler = Scheduler(cache, self, discipline=discipline, concurrency=concurrency, drafts=drafts)
         self._events: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._workers = ThreadPoolExecutor(max_workers=concurrency + 1, thread_name_prefix="calm-worker")
