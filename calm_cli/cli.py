@@ -649,7 +649,7 @@ def bench_speculate(member: str, parts: list[str], draft: str | None, firsts: li
                        f"{out['largest_gap']})")
     if "escalate" in parts:
         result["escalate"] = out = speculate.run_escalate(spec, _specs(tuple(firsts)), _store(), precision, n,
-                                                          tokens, k_start, _echo_err)
+                                                          tokens, k_start, adaptive, _echo_err)
         headers = ["item", "kind", "tokens", "alone_s"] + [f"{w}_{c}" for w in out["ratio"]
                                                             for c in ("ratio", "kept", "same")]
         click.echo(tabulate([[r[h] for h in headers] for r in out["rows"]], headers=headers))

@@ -309,3 +309,18 @@ def test_bench_speculate_on_the_tiny_fleet(tiny_env: dict, tmp_path) -> None:
     bad = subprocess.run([sys.executable, "-m", "calm_cli", "bench", "speculate", "--k", "0"], env=tiny_env,
                          capture_output=True, timeout=120)
     assert bad.returncode == 2 and b"--k takes 1-16 or adaptive" in bad.stderr
+
+
+def test_a_draft_with_another_tokenizer_is_refused(decoder, tmp_path) -> None:
+    """The same weights with a tokenizer that numbers the bytes otherwise: not a draft for this model."""
+    import shutil
+
+    from calm_cli.engine.speculate import shares_tokenizer
+
+    other = tmp_path / "other"
+    shutil.copytree(decoder.directory, other)
+    save_tokenizer(other, reverse=True)
+    stranger = Decoder.load(other)
+    assert shares_tokenizer(decoder, decoder) and not shares_tokenizer(decoder, stranger)
+    with pytest.raises(ValueError, match="does not share the model's tokenizer"):
+        Speculation(model=stranger, model_name="stranger").open(decoder, [5, 6], 8, Sampler(Sampling()))

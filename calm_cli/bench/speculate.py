@@ -142,7 +142,7 @@ def run_drafts(spec: ModelSpec, store: Store, precision: str, n: int, tokens: in
 
 
 def run_escalate(larger: ModelSpec, firsts: list[ModelSpec], store: Store, precision: str, n: int, tokens: int,
-                 k: int, log: Callable[[str], None]) -> dict:
+                 k: int, adaptive: bool, log: Callable[[str], None]) -> dict:
     """Each first member answers; the larger member then verifies that answer (mode verify), against answering
     alone from scratch, plainly and with prompt lookup. The ratio is the verification's time (the time from the
     first answer's end to the final answer, the larger member loaded) over the plain answer's."""
@@ -154,7 +154,7 @@ def run_escalate(larger: ModelSpec, firsts: list[ModelSpec], store: Store, preci
         prompt = render(larger.prompt, question)
         answers = {s.name: complete(small[s.name], render(s.prompt, question), tokens,
                                     stop=stop_strings(s.prompt)).text for s in firsts}
-        ways: dict[str, Speculation | None] = {"alone": None, "alone+lookup": Speculation(k)}
+        ways: dict[str, Speculation | None] = {"alone": None, "alone+lookup": Speculation(k, adaptive)}
         ways |= {f"verify:{name}": Speculation(k, True, reference=text) for name, text in answers.items()}
         names = list(ways)
         order = names[i % len(names):] + names[:i % len(names)]
@@ -178,7 +178,7 @@ def run_escalate(larger: ModelSpec, firsts: list[ModelSpec], store: Store, preci
         log(f"bench escalate: {row}")
     ways_all = ["alone+lookup", *(f"verify:{s.name}" for s in firsts)]
     return {"larger": larger.name, "firsts": [s.name for s in firsts], "precision": precision, "max_tokens": tokens,
-            "k": k, "rows": rows,
+            "k": "adaptive" if adaptive else k, "rows": rows,
             "ratio": {way: _summary(rows, f"{way}_ratio", np.median) for way in ways_all},
             "same": {way: sum(r[f"{way}_same"] for r in rows) for way in ways_all},
             "largest_gap": max((r[k] for r in rows for k in r if k.endswith("_gap") and r[k] is not None),

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,7 +101,6 @@ class DraftLength:
 class Draft(ABC):
     """Proposes the tokens the model checks next."""
 
-    name: str
     widest: int  # the most tokens one proposal may hold
 
     @abstractmethod
@@ -116,7 +116,6 @@ class LookupDraft(Draft):
     """Prompt lookup; with a `reference` answer, that answer itself while the model agrees with it."""
 
     def __init__(self, prompt_len: int, length: DraftLength, reference: Sequence[int] = ()):
-        self.name = "answer" if reference else "prompt-lookup"
         self.prompt_len, self.length, self.reference = prompt_len, length, list(reference)
         self.widest = max(length.widest, REFERENCE_CHUNK if reference else 0)
         self.checked, self.aligned, self.chunk = 0, bool(reference), REFERENCE_FIRST
@@ -146,8 +145,8 @@ class ModelDraft(Draft):
     """A smaller model with the same tokenizer decodes the proposal; its own KV state follows the context,
     rolled back where the model rejected its tokens."""
 
-    def __init__(self, name: str, draft: Decoder, capacity: int, sampler: Sampler, length: DraftLength):
-        self.name, self.decoder, self.sampler, self.length = name, draft, sampler, length
+    def __init__(self, draft: Decoder, capacity: int, sampler: Sampler, length: DraftLength):
+        self.decoder, self.sampler, self.length = draft, sampler, length
         self.widest = length.widest
         self.kv = SharedKV(draft, 1, capacity)
         self.held: list[int] = []  # the tokens in its KV state
@@ -180,10 +179,20 @@ class ModelDraft(Draft):
         self.length.update(drafted, kept)
 
 
+_VOCABS: weakref.WeakKeyDictionary[Decoder, int] = weakref.WeakKeyDictionary()
+
+
+def _vocab_of(decoder: Decoder) -> int:
+    """A hash of the whole vocabulary (token -> id), made once per loaded decoder (151,643 entries for Qwen):
+    a draft is checked on every run it is lent to."""
+    if decoder not in _VOCABS:
+        _VOCABS[decoder] = hash(tuple(sorted(decoder.tokenizer.tokenizer.get_vocab().items())))
+    return _VOCABS[decoder]
+
+
 def shares_tokenizer(model: Decoder, draft: Decoder) -> bool:
     """Whether `draft`'s token ids mean what `model`'s do (the same vocabulary, in the same order)."""
-    a, b = model.tokenizer.tokenizer, draft.tokenizer.tokenizer
-    return draft.vocab <= model.vocab and a.get_vocab_size() == b.get_vocab_size() and a.get_vocab() == b.get_vocab()
+    return draft.vocab <= model.vocab and _vocab_of(model) == _vocab_of(draft)
 
 
 @dataclass(frozen=True)
@@ -213,8 +222,7 @@ class Speculation:
         if self.model is not None:
             if not shares_tokenizer(decoder, self.model):
                 raise ValueError(f"draft {self.model_name} does not share the model's tokenizer")
-            return ModelDraft(self.model_name or "draft", self.model,
-                              len(prompt_ids) + max_new_tokens + length.widest + 1, sampler, length)
+            return ModelDraft(self.model, len(prompt_ids) + max_new_tokens + length.widest + 1, sampler, length)
         return LookupDraft(len(prompt_ids), length)
 
 
