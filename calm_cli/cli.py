@@ -48,6 +48,17 @@ def _csv(kind: type) -> Callable[[click.Context, click.Parameter, str], list]:
     return parse
 
 
+def _draft_tokens(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """--k: draft tokens per check, 1-16 or adaptive (engine/speculate.py's draft_tokens reads it)."""
+    from calm_cli.engine.speculate import draft_tokens
+
+    try:
+        draft_tokens(value)
+        return value
+    except ValueError:
+        raise click.UsageError(f"--k takes 1-16 or adaptive, not {value!r}") from None
+
+
 def _echo_err(message: str) -> None:
     click.echo(message, err=True)
 
@@ -614,20 +625,20 @@ def bench_serve(policy_path: str | None, member: str, n_batch: int, tokens: int,
 @click.option("--n", type=click.IntRange(1, 164), default=8, show_default=True,
               help="Code prompts (HumanEval) and as many prose questions.")
 @click.option("--tokens", type=click.IntRange(2, 2048), default=96, show_default=True)
-@click.option("--k", default="4", show_default=True, help="Draft tokens per check: 1-16, or adaptive.")
+@click.option("--k", default="4", show_default=True, callback=_draft_tokens,
+              help="Draft tokens per check: 1-16, or adaptive.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here.")
 def bench_speculate(member: str, parts: list[str], draft: str | None, firsts: list[str], n: int, tokens: int,
                     k: str, json_path: str | None) -> None:
     """Speculative decoding and escalation by verification against plain decoding, side by side."""
     from calm_cli.bench import speculate
+    from calm_cli.engine.speculate import draft_tokens
 
     unknown = set(parts) - set(speculate.PARTS)
     if unknown or not parts:
         _fail(f"--parts takes {', '.join(speculate.PARTS)}, not {', '.join(sorted(unknown)) or 'nothing'}",
               EXIT_USAGE)
-    if k != "adaptive" and not (k.isdigit() and 1 <= int(k) <= 16):
-        _fail(f"--k takes 1-16 or adaptive, not {k!r}", EXIT_USAGE)
-    adaptive, k_start = k == "adaptive", 4 if k == "adaptive" else int(k)
+    k_start, adaptive = draft_tokens(k)
     spec = _specs((member,))[0]
     precision = str(settings.get("precision"))
     result: dict = {}
@@ -676,7 +687,8 @@ def bench_speculate(member: str, parts: list[str], draft: str | None, firsts: li
 @click.option("--draft", default=None,
               help="calm+draft's draft: prompt-lookup or a fleet model (default: the member's draft in the policy, "
                    "else prompt-lookup).")
-@click.option("--k", default="4", show_default=True, help="calm+draft's draft tokens per check: 1-16, or adaptive.")
+@click.option("--k", default="4", show_default=True, callback=_draft_tokens,
+              help="calm+draft's draft tokens per check: 1-16, or adaptive.")
 @click.option("--policy", "policy_path", type=click.Path(dir_okay=False), help="Where members' drafts are named.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), help="Also write the rows here.")
 def bench_engine(models: list[str], systems: list[str], precisions: list[str], threads: list[int], tokens: int,
@@ -691,8 +703,6 @@ def bench_engine(models: list[str], systems: list[str], precisions: list[str], t
         _fail(f"unknown system(s): {', '.join(sorted(unknown))}", EXIT_USAGE)
     if set(prompts) - set(engine.PROMPTS) or not prompts:
         _fail(f"--prompts takes {', '.join(engine.PROMPTS)}", EXIT_USAGE)
-    if k != "adaptive" and not (k.isdigit() and 1 <= int(k) <= 16):
-        _fail(f"--k takes 1-16 or adaptive, not {k!r}", EXIT_USAGE)
     if draft is not None:
         drafts = {m: draft for m in models}
     else:

@@ -15,8 +15,7 @@ from calm_cli.engine.complete import complete  # noqa: E402
 from calm_cli.engine.decoder import Decoder  # noqa: E402
 from calm_cli.engine.kv import open_kv  # noqa: E402
 from calm_cli.engine.sampling import Sampler, Sampling  # noqa: E402
-from calm_cli.engine.speculate import (DraftLength, Speculation, VerifyKV, lookup_draft, speculate,  # noqa: E402
-                                       speculative_greedy)
+from calm_cli.engine.speculate import DraftLength, Speculation, VerifyKV, lookup_draft, speculate  # noqa: E402
 from calm_cli.fleet.export_worker import _optimum_export  # noqa: E402
 from calm_cli.fleet.graph import fuse  # noqa: E402
 from test_batch import NEAR_TIE, alone, decoder  # noqa: E402,F401 - the tiny fused decoders, per architecture
@@ -76,7 +75,7 @@ def test_speculative_greedy_equals_greedy(decoder) -> None:
         want, gaps = alone(decoder, prompt, 40)
         stops = set(decoder.tokenizer.stop_ids)
         want = want[:next((i for i, t in enumerate(want) if t in stops), len(want))]  # greedy ends at a stop
-        got = speculative_greedy(decoder, prompt, 40, k=4)
+        got = speculate(decoder, prompt, 40, Speculation(k=4))
         kept += got.accepted
         if got.tokens != want:
             first = next((i for i, (a, b) in enumerate(zip(got.tokens, want)) if a != b),

@@ -4,8 +4,9 @@ Systems: calm (this engine on the exported ONNX), calm+draft (the same with spec
 drafts or a draft model's export; the row adds the acceptance rate, whether its tokens equal calm's plain greedy
 decoding and, where not, the two candidates' logit gap where they part), llama.cpp (llama-cpp-python on the
 same GGUF), optimum (ORTModelForCausalLM on Optimum's own graph of calm's export of the same precision) and
-transformers (PyTorch on the GGUF, dequantized). Every system gets the same prompt token ids and generates exactly `--tokens` tokens
-greedily (end of sequence ignored), so decode rates compare like with like. Prints one JSON line.
+transformers (PyTorch on the GGUF, dequantized). Every system gets the same prompt token ids and generates
+exactly `--tokens` tokens greedily (end of sequence ignored), so decode rates compare like with like. Prints one
+JSON line.
 
 For the two onnxruntime systems one more, profiled, generation (after the timed ones, so it does not slow them)
 gives `products_share`: the share of onnxruntime's decode-step time spent in the weight products (MatMulNBits,
@@ -101,11 +102,11 @@ def _calm_draft(export_dir: Path, draft: str, k: str, extra: dict) -> tuple[RunF
     from calm_cli.bench.speculate import divergence
     from calm_cli.engine.decode import generate
     from calm_cli.engine.decoder import Decoder
-    from calm_cli.engine.speculate import Counts, Speculation, speculative_steps
+    from calm_cli.engine.speculate import Counts, Speculation, draft_tokens, speculative_steps
 
     decoder = Decoder.load(export_dir)
     drafter = None if draft == "prompt-lookup" else Decoder.load(Path(draft))
-    speculation = Speculation(4 if k == "adaptive" else int(k), k == "adaptive", model=drafter,
+    speculation = Speculation(*draft_tokens(k), model=drafter,
                               model_name=None if drafter is None else Path(draft).parent.name)
     tally = {"drafted": 0, "accepted": 0}
     extra["draft"] = "prompt-lookup" if drafter is None else Path(draft).parent.name

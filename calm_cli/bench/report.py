@@ -86,17 +86,20 @@ def serve_table(result: dict) -> str:
         lines += _arrival_lines(result["arrivals"])
     if "http" in result:
         h = result["http"]
-        added, lo, hi = h["added_p50_ms"]
-        lines.append(f"http: {h['requests']} requests to {h['member']} each way: p50 {h['direct_p50_ms']} ms "
-                     f"in-process, {h['http_p50_ms']} ms through calm serve; added p50 {added:.2f} ms "
-                     f"(95% interval {lo:.2f}-{hi:.2f})")
+        lines.append(_overhead_line("http", h, f"{h['direct_p50_ms']} ms in-process",
+                                    f"{h['http_p50_ms']} ms through calm serve"))
     if "remote" in result:
         r = result["remote"]
-        added, lo, hi = r["added_p50_ms"]
-        lines.append(f"remote member: {r['requests']} requests to {r['member']} each way: p50 {r['local_p50_ms']} ms "
-                     f"in the router, {r['remote_p50_ms']} ms through a remote member (calm serve on loopback); "
-                     f"added p50 {added:.2f} ms (95% interval {lo:.2f}-{hi:.2f})")
+        lines.append(_overhead_line("remote member", r, f"{r['local_p50_ms']} ms in the router",
+                                    f"{r['remote_p50_ms']} ms through a remote member (calm serve on loopback)"))
     return "\n".join(lines)
+
+
+def _overhead_line(label: str, part: dict, without: str, through: str) -> str:
+    """A paired overhead measurement: both p50s and the added p50 with its interval."""
+    added, lo, hi = part["added_p50_ms"]
+    return (f"{label}: {part['requests']} requests to {part['member']} each way: p50 {without}, {through}; "
+            f"added p50 {added:.2f} ms (95% interval {lo:.2f}-{hi:.2f})")
 
 
 def _batching_lines(b: dict) -> list[str]:

@@ -19,7 +19,7 @@ from calm_cli.engine.textstream import TextStream
 
 @dataclass
 class Completion:
-    """One answer with its meters; the JSON record's metrics are these fields."""
+    """One answer with its meters (loop/monitor.py makes the record's metrics from them)."""
 
     text: str
     tokens_in: int
@@ -42,16 +42,6 @@ class Completion:
     def confidence(self) -> float:
         """exp(mean token log-probability): the geometric-mean probability of the answer's tokens, 0..1."""
         return float(np.exp(np.mean(self.logprobs))) if self.logprobs else 0.0
-
-    def metrics(self) -> dict:
-        return {
-            "latency_ms": round(self.latency_ms, 2), "ttft_ms": round(self.ttft_ms, 2),
-            "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
-            "tokens_per_s": round(self.tokens_per_s, 2), "energy_j": round(self.energy_j, 4),
-            "energy_estimated": self.energy_estimated, "memory_mb": round(self.memory_mb, 1),
-            "confidence": round(self.confidence, 4), "provider": self.provider,
-            "draft": self.draft, "draft_tokens": self.draft_tokens, "accepted_tokens": self.accepted_tokens,
-        }
 
 
 def complete(decoder: Decoder, prompt: str, max_new_tokens: int, sampling: Sampling = Sampling(),
@@ -103,4 +93,5 @@ def complete(decoder: Decoder, prompt: str, max_new_tokens: int, sampling: Sampl
         tokens_per_s=(len(steps) - 1) / decode_s if len(steps) > 1 and decode_s > 0 else 0.0,
         energy_j=reading.energy_j, energy_estimated=reading.energy_estimated,
         memory_mb=decoder.memory_mb, provider=decoder.provider, stop_reason=stop_reason,
-        token_ids=[s.token for s in steps], draft=draft, draft_tokens=counts.drafted, accepted_tokens=counts.accepted)
+        token_ids=[s.token for s in steps], draft=draft, draft_tokens=counts.drafted,
+        accepted_tokens=counts.accepted)

@@ -16,19 +16,19 @@ be computed: onnxruntime's 4-bit MatMulNBits computes one row (M = 1) with anoth
 computes several new positions of one sequence (a check) with another kernel than one position of each of
 several sequences (a batch step). Where two tokens nearly tie (0.002-0.02 logits apart at the divergences
 measured, docs/ENGINE.md) the choice can flip; plain one-row decoding and batched decoding differ the same way.
-Sampling: speculative sampling's rule (Leviathan
-et al. 2023; Chen et al. 2023): keep draft token x with probability min(1, p(x)/q(x)) and, at the first
-rejection, draw from max(0, p - q) renormalised, so the output distribution is the model's own (q is one-hot for
-lookup and reference drafts, the draft model's own distribution otherwise).
+Sampling: speculative sampling's rule (Leviathan et al. 2023; Chen et al. 2023): keep draft token x with
+probability min(1, p(x)/q(x)) and, at the first rejection, draw from max(0, p - q) renormalised, so the output
+distribution is the model's own (q is one-hot for lookup and reference drafts, the draft model's own
+distribution otherwise).
 
 The KV state rolls back past rejected positions by lowering the row's length (engine/kv.py); nothing is copied.
 """
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +41,7 @@ from calm_cli.engine.sampling import Sampler, Sampling
 REFERENCE_FIRST = 8  # reference tokens checked by the first step that checks a reference answer
 REFERENCE_CHUNK = 32  # the most per step: the chunk doubles while the model keeps agreeing with the reference
 MAX_DRAFT = 16  # the longest an adaptive draft grows
+ADAPTIVE_START = 4  # an adaptive draft's first length
 
 
 class VerifyKV(SharedKV):
@@ -66,19 +67,31 @@ class VerifyKV(SharedKV):
         self.lengths -= n
 
 
-def lookup_draft(context: list[int], k: int, longest: int = 3, reference: Sequence[int] = ()) -> list[int]:
+def lookup_draft(context: list[int], k: int, longest: int = 3, reference: list[int] | None = None) -> list[int]:
     """Up to `k` tokens that followed an earlier occurrence of the context's last n-gram (n from `longest` down
     to 1): in `reference` first (another answer to the same question), else the latest in the context itself;
     nothing when the last token never occurred before."""
+    reference = reference or []
     for n in range(min(longest, len(context) - 1), 0, -1):
-        tail = list(context[-n:])
-        for start in range(len(reference) - n, -1, -1):
-            if list(reference[start:start + n]) == tail and start + n < len(reference):
-                return list(reference[start + n:start + n + k])
+        tail = context[-n:]
+        for start in range(len(reference) - n - 1, -1, -1):  # something must follow the occurrence
+            if reference[start:start + n] == tail:
+                return reference[start + n:start + n + k]
         for start in range(len(context) - n - 1, -1, -1):
             if context[start:start + n] == tail:
                 return context[start + n:start + n + k]
     return []
+
+
+def draft_tokens(value: int | str) -> tuple[int, bool]:
+    """(k, adaptive) from a policy's or a command's draft_tokens: a number, or "adaptive" (from ADAPTIVE_START).
+    ValueError for anything else."""
+    if value == "adaptive":
+        return ADAPTIVE_START, True
+    k = int(value)
+    if not 1 <= k <= MAX_DRAFT:
+        raise ValueError(f"draft tokens must be 1-{MAX_DRAFT} or adaptive, not {value!r}")
+    return k, False
 
 
 @dataclass
@@ -310,8 +323,3 @@ def speculate(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, spec
     tokens = [s.token for s in speculative_steps(decoder, prompt_ids, max_new_tokens, speculation, sampling,
                                                  counts, stop_at_eos)]
     return Speculated(tokens, counts.steps, counts.drafted, counts.accepted)
-
-
-def speculative_greedy(decoder: Decoder, prompt_ids: list[int], max_new_tokens: int, k: int = 4) -> Speculated:
-    """The model's greedy continuation of `prompt_ids`, checked `k` prompt-lookup draft tokens at a time."""
-    return speculate(decoder, prompt_ids, max_new_tokens, Speculation(k))

@@ -11,7 +11,7 @@ from calm_cli.engine.decoder import Decoder
 from calm_cli.engine.prompt import render, stop_strings
 from calm_cli.engine.sampling import Sampler
 from calm_cli.engine.session import ORT_ERRORS, ProviderError
-from calm_cli.engine.speculate import Speculation, shares_tokenizer
+from calm_cli.engine.speculate import Speculation, draft_tokens, shares_tokenizer
 from calm_cli.engine.textstream import TextStream
 from calm_cli.errors import CalmError
 from calm_cli.fleet.lock import ModelSpec
@@ -59,8 +59,7 @@ class LocalMember(Member):
         """How this answer speculates: verifying the answer it was given (escalation), else with the draft
         member lent for it, else prompt lookup, as the policy and CALM_SPECULATE say."""
         tokens = self.config.draft_tokens
-        adaptive = tokens == "adaptive"
-        k = int(settings.get("speculate")) if tokens is None else 4 if adaptive else int(tokens)
+        k, adaptive = (int(settings.get("speculate")), False) if tokens is None else draft_tokens(tokens)
         if ask.verify is not None:  # past the first disagreement, how well n-grams guess is unknown: adapt
             return Speculation(max(k, 1), True, reference=ask.verify)
         if self.config.draft == "none":

@@ -19,7 +19,8 @@ members run requests holds the queue: nothing behind it overtakes it, so it cann
 Drafts: a member whose policy names a draft (speculative decoding: prompt-lookup or a draft member) answers one
 request at a time, trading batching for single-request speed; for a draft member, the scheduler lends each such
 run the draft's session when the draft is loaded (a lease, so the draft is not evicted under it); when it is
-not, the run decodes with prompt lookup and the draft is prefetched if it fits without evicting anything. A verification job (escalation checking the first answer) also runs alone.
+not, the run decodes with prompt lookup and the draft is prefetched if it fits without evicting anything. A
+verification job (escalation checking the first answer) also runs alone.
 """
 
 from __future__ import annotations
