@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -18,6 +19,7 @@ from calm_cli.fleet import lock
 from calm_cli.fleet.store import Store
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 MAX_QUESTION_BYTES = 1 << 20  # a question on stdin; the request schema caps the query itself
 
 
@@ -63,17 +65,32 @@ def _echo_err(message: str) -> None:
     click.echo(message, err=True)
 
 
+class Terminated(Exception):
+    """SIGTERM arrived while a command that keeps no records ran (batch and the servers handle it themselves)."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 class CalmGroup(click.Group):
     """Anything calm refuses (a CalmError) ends the command in one `calm: ...` line with its exit status; Ctrl-C
-    in one line too, never a traceback."""
+    and SIGTERM in one line too, never a traceback."""
 
     def invoke(self, ctx: click.Context) -> object:
+        main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+        previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
         try:
             return super().invoke(ctx)
         except CalmError as exc:
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", EXIT_INTERRUPTED)
+        except Terminated:
+            _fail("terminated", EXIT_TERMINATED)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
         return None
 
 

@@ -290,3 +290,28 @@ def test_bench_refuses_a_missing_plot_library_before_running(tiny_env: dict, tmp
     (tmp_path / "matplotlib" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
     result = calm(env, "bench", "--n", "1", "--plot", str(tmp_path / "p.png"))
     assert result.returncode == 2 and b"--plot needs matplotlib" in result.stderr, result.stderr.decode()
+
+
+@pytest.mark.parametrize("sig,message,code", [(signal.SIGINT, b"calm: interrupted", 130),
+                                              (signal.SIGTERM, b"calm: terminated", 143)])
+def test_a_signal_mid_command_ends_in_one_line(tiny_env: dict, sig: int, message: bytes, code: int) -> None:
+    """`calm route -` waiting for its question on an open stdin: Ctrl-C or SIGTERM ends it with one line and
+    128 + the signal, never a traceback (batch and the servers handle both themselves, tested with them)."""
+    proc = subprocess.Popen([sys.executable, "-m", "calm_cli", "route", "-"], env=tiny_env, stdin=subprocess.PIPE,
+                            stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not inherited ignored
+    deadline = time.monotonic() + 120
+    while not _catches_sigterm(proc.pid) and time.monotonic() < deadline:  # past the imports, in the command
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    proc.stdin.close()
+    assert proc.returncode == code and message in err and b"Traceback" not in err, err[-2000:]
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Whether the process has a SIGTERM handler installed (the kernel's SigCgt mask, bit 15)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        caught = next(line for line in fh if line.startswith("SigCgt:")).split()[1]
+    return bool(int(caught, 16) >> (signal.SIGTERM - 1) & 1)
