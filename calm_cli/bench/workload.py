@@ -22,19 +22,20 @@ from typing import Callable, Iterator
 import numpy as np
 
 from calm_cli.eval import evaluate, tasks
-from calm_cli.engine.decoder import Decoder
 from calm_cli.fleet import lock
 from calm_cli.fleet.store import Store
 from calm_cli.knowledge import Knowledge, KnowledgeError, open_knowledge
 from calm_cli.bench.hooks import Slowed
-from calm_cli.errors import ModelsFailed
+from calm_cli.errors import MemberFailure, ModelsFailed
 from calm_cli.loop.analyze import WINDOW
 from calm_cli.loop.assemble import assemble
 from calm_cli.loop.calm import Calm
 from calm_cli.loop.execute.queue import RequestQueue
 from calm_cli.loop.execute.scheduler import WorkJob
+from calm_cli.members import catalog
 from calm_cli.members.base import Member, NotExported, Run
-from calm_cli.policy import Policy
+from calm_cli.members.local import LocalMember
+from calm_cli.policy import MemberPolicy, Policy
 
 BASELINE = "qwen2.5-coder-1.5b"
 HIT_WINDOW = 10  # requests in the sliding window of the cache-hit-rate recovery measure
@@ -107,33 +108,44 @@ def copy_knowledge(source: Path, into: Path) -> Knowledge:
 
 def item_work(item: tasks.Item, rule: str):
     """The loop's work for a benchmark item: the chosen member answers it and is graded."""
-    specs = lock.load()
 
-    def work(member: Member, decoder: object, stream: bool) -> Run:
-        assert isinstance(decoder, Decoder)  # items are scored on local members' sessions
-        o = evaluate.evaluate_item(decoder, specs[member.name], item, rule)
+    def work(member: Member, session: object, stream: bool) -> Run:
+        o = evaluate.evaluate_member(member, session, item, rule)
         rate = o.tokens_out / (o.latency_ms / 1000) if o.tokens_out and o.latency_ms else 0.0
         return Run(member.name, o.answer, o.latency_ms, o.latency_ms, o.tokens_in, o.tokens_out, rate, o.energy_j,
-                   o.energy_estimated, o.confidence, decoder.provider, "eos", payload=o)
+                   o.energy_estimated, o.confidence, o.provider, "eos", payload=o)
 
     return work
 
 
-def run_alone(name: str, store: Store, precision: str, items: list[tasks.Item], rule: str,
-              step: Callable[[], None]) -> SystemResult:
+def run_alone(member: Member, items: list[tasks.Item], rule: str, step: Callable[[], None]) -> SystemResult:
     """One member answers everything; its load is paid by the first query."""
-    spec = lock.load()[name]
     started = time.perf_counter()
-    decoder = Decoder.load(store.exports(name)[precision])
+    session = member.load()
     load_ms = (time.perf_counter() - started) * 1000
     results = []
     for i, item in enumerate(items):
-        o = evaluate.evaluate_item(decoder, spec, item, rule)
-        results.append(QueryResult(item, name, o.score, o.latency_ms + (load_ms if i == 0 else 0.0), o.energy_j,
-                                   o.energy_estimated, cache_hit=i > 0))
+        try:
+            o = evaluate.evaluate_member(member, session, item, rule)
+        except MemberFailure:  # a remote server that failed: scored 0 and counted as a failure; the run goes on
+            results.append(QueryResult(item, "none", 0.0, 0.0, 0.0, False, cache_hit=False, failed=True))
+        else:
+            results.append(QueryResult(item, member.name, o.score, o.latency_ms + (load_ms if i == 0 else 0.0),
+                                       o.energy_j, o.energy_estimated, cache_hit=i > 0))
         step()
-    weights = sum(p.stat().st_size for p in store.exports(name)[precision].glob("model.onnx*")) / 2**20
-    return SystemResult(f"{name} alone", results, max(decoder.memory_mb, weights), baseline=name == BASELINE)
+    return SystemResult(f"{member.name} alone", results, member.memory_of(session),
+                        baseline=member.name == BASELINE)
+
+
+def fleet_members(policies: list[Policy], store: Store, precision: str) -> dict[str, Member]:
+    """Every member of the policies, and the baseline (the single larger model), as the loop would run them."""
+    out: dict[str, Member] = {}
+    for policy in policies:
+        out.update(catalog.members(policy, store, precision))
+    if BASELINE not in out:
+        out[BASELINE] = LocalMember(MemberPolicy(BASELINE, "the single larger model"), lock.load()[BASELINE],
+                                    precision, store.exports(BASELINE).get(precision))
+    return out
 
 
 def serve_item(calm: Calm, item: tasks.Item, rule: str, i: int, forced: str | None = None,
@@ -272,17 +284,20 @@ class Scenarios:
     budget_cut: tuple[float, int] | None = None
     arrival: float | None = None
     sweep: tuple[float, ...] = ()  # factors on the main policy's cost weights (latency, energy, load)
+    remote: str | None = None  # a fleet member answered by llama.cpp's server on loopback (bench/remote.py)
+    remote_requests: int = 40  # paired requests for that member's network overhead
 
 
 def prepare(policies: list[Policy], store: Store, task_names: list[str] | None, n_per_task: int, seed: int,
             shift: bool, log: Callable[[str], None]) -> list[tasks.Item]:
     """The workload, once everything a run needs is there: every member's and the baseline's export, the
     encoder's, and the pinned data (checked before the first item, not after the members-alone runs)."""
-    needed = {m.model for p in policies for m in p.members} | {BASELINE, policies[0].encoder}
+    needed = {m.model for p in policies for m in p.members if not m.endpoint} | {BASELINE, policies[0].encoder}
     missing = sorted(n for n in needed if not store.exports(n))
     if missing:
         raise NotExported(f"not exported: {', '.join(missing)}: run `calm models export {' '.join(missing)}`")
-    return workload(tasks.fetch_data(store.root, log=log), task_names, n_per_task, seed, shift)
+    return workload(tasks.fetch_data(store.root, log=log, pins=tasks.pins_for(task_names)), task_names, n_per_task,
+                    seed, shift)
 
 
 def workload(data: dict, task_names: list[str] | None, n_per_task: int, seed: int,
@@ -319,9 +334,10 @@ def run(policies: list[Policy], store: Store, kb_source: Path, precision: str, i
             log(f"bench: {label} ...")
             return lambda *a: None
 
+        fleet = fleet_members(policies, store, precision)
         alone = {}
         for name in members:
-            alone[name] = run_alone(name, store, precision, items, rule, progress(f"{name} alone"))
+            alone[name] = run_alone(fleet[name], items, rule, progress(f"{name} alone"))
         systems.extend(alone.values())
         for policy in policies:
             calm = make_calm(policy, store, fresh_kb(f"policy-{policy.name}"))
@@ -339,6 +355,17 @@ def run(policies: list[Policy], store: Store, kb_source: Path, precision: str, i
                          progress(f"weight sweep: cost weights x{factor}"))
             sweep.append({**r.summary(goals), "name": f"calm ({main_policy.name}, cost weights x{factor})",
                           "factor": factor})
+        if scenarios.remote:
+            with _scenario("remote", scenario_out, log):
+                from calm_cli.bench import remote
+
+                name = scenarios.remote
+                added, scenario_out["remote"] = remote.scenario(
+                    main_policy, name, store, fresh_kb("remote"), items, seed, scenarios.remote_requests,
+                    lambda member: run_alone(member, items, rule, progress(f"{member.name} alone")),
+                    lambda policy, kb: run_calm(make_calm(policy, store, kb), items, rule,
+                                                progress(f"calm with policy {policy.name}")), log)
+                systems.extend(added)
         if scenarios.shift:
             with _scenario("shift", scenario_out, log):
                 half = len(items) // 2

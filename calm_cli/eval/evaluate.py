@@ -13,11 +13,15 @@
   base models: the body, continuing the prompt). prompt + solution runs in a sandboxed worker that answers
   calls to the entry point; the test's check() runs in a separate sandboxed checker the solution cannot
   reach (calm_cli.eval.sandbox.run_check). pass@1 with greedy decoding.
+- A remote member (an OpenAI-compatible server) gives no log-likelihood of a given text, so it is scored on
+  the answer it generates, greedy, through its chat endpoint: multiple choice by the option its answer names
+  (rule "generated", asked to answer with the letter), short answers and code as above.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import re
 import textwrap
@@ -33,6 +37,7 @@ from calm_cli.engine.sampling import Sampling, log_softmax
 from calm_cli.fleet.lock import ModelSpec
 from calm_cli.eval.sandbox import run_check
 from calm_cli.eval.tasks import LETTERS, Item
+from calm_cli.members.base import Ask, Member, Run
 
 if TYPE_CHECKING:
     from calm_cli.engine.complete import Completion
@@ -40,6 +45,8 @@ if TYPE_CHECKING:
 
 RULES = ("mean", "sum")
 DEFAULT_RULE = "mean"
+GENERATED_RULE = "generated"  # multiple choice answered in words (a remote member), graded by match_choice
+MC_INSTRUCTION = "Answer with the letter of the right option."
 CODE_TIMEOUT_S = 10.0
 
 
@@ -54,9 +61,10 @@ class Outcome:
     energy_estimated: bool
     tokens_out: int  # 0 for MC (nothing is generated)
     confidence: float  # MC: softmax probability of the chosen option; otherwise the answer's mean token prob
-    rule: str | None = None  # MC: "mean" or "sum"
+    rule: str | None = None  # MC: "mean" or "sum" (log-likelihood), or "generated" (the letter it answered)
     tokens_in: int = 0
     detail: str = ""  # code: sandbox status and stderr tail; MC: the options' scores
+    provider: str = ""  # what ran it: onnxruntime's execution provider, or remote:<url>
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -220,7 +228,7 @@ def score_mc(decoder: Decoder, spec: ModelSpec, item: Item, rule: str = DEFAULT_
     return Outcome(score=float(correct), correct=correct, answer=item.choices[chosen], kind="mc",
                    latency_ms=latency_ms, energy_j=reading.energy_j, energy_estimated=reading.energy_estimated,
                    tokens_out=0, confidence=float(_softmax(scores)[chosen]), rule=rule,
-                   tokens_in=len(context) + sum(map(len, conts)), detail=detail)
+                   tokens_in=len(context) + sum(map(len, conts)), detail=detail, provider=decoder.provider)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -306,6 +314,38 @@ def generate_answer(decoder: Decoder, spec: ModelSpec, item: Item, max_new_token
     return complete(decoder, prompt, max_new_tokens or item.max_new_tokens, Sampling(), stop=stops)
 
 
+def item_ask(item: Item) -> Ask:
+    """`item` as a question for a member that only answers questions (a remote server): multiple choice asks
+    for the option's letter, since no log-likelihood of given text comes back."""
+    query = f"{item.query}\n\n{MC_INSTRUCTION}" if item.kind == "mc" else item.query
+    return Ask(query, item.max_new_tokens)
+
+
+def evaluate_run(item: Item, run: Run) -> Outcome:
+    """The Outcome of a member's generated answer to `item` (multiple choice by the option it names)."""
+    score, correct, answer, detail = grade(item, run.text)
+    return Outcome(score=score, correct=correct, answer=answer, kind=item.kind, latency_ms=run.latency_ms,
+                   energy_j=run.energy_j, energy_estimated=run.energy_estimated, tokens_out=run.tokens_out,
+                   confidence=run.confidence, rule=GENERATED_RULE if item.kind == "mc" else None,
+                   tokens_in=run.tokens_in, detail=detail, provider=run.provider)
+
+
+def evaluate_member(member: Member, session: object, item: Item, rule: str = DEFAULT_RULE) -> Outcome:
+    """Score any fleet member on one item, on a session it loaded: a local export as evaluate_item does; a
+    remote member on the answer its server generates (rule "generated" for multiple choice)."""
+    if member.remote:
+        return evaluate_run(item, member.generate(session, item_ask(item)))
+    return evaluate_item(session, _specs()[member.name], item, rule)  # type: ignore[arg-type]
+
+
+@functools.cache
+def _specs() -> dict[str, ModelSpec]:
+    """models.lock, read once: a member may be wrapped (a benchmark's Slowed), so its spec is looked up by name."""
+    from calm_cli.fleet import lock
+
+    return lock.load()
+
+
 def evaluate_item(decoder: Decoder, spec: ModelSpec, item: Item, rule: str = DEFAULT_RULE) -> Outcome:
     """Score `decoder` (a calm_cli.engine.decoder.Decoder of the model `spec`) on one item."""
     if item.kind == "mc":
@@ -320,4 +360,4 @@ def evaluate_item(decoder: Decoder, spec: ModelSpec, item: Item, rule: str = DEF
     return Outcome(score=score, correct=correct, answer=answer, kind=item.kind, latency_ms=completion.latency_ms,
                    energy_j=completion.energy_j, energy_estimated=completion.energy_estimated,
                    tokens_out=completion.tokens_out, confidence=completion.confidence, rule=None,
-                   tokens_in=completion.tokens_in, detail=detail)
+                   tokens_in=completion.tokens_in, detail=detail, provider=decoder.provider)

@@ -7,6 +7,7 @@ are the `tasks.split` side that `calm bench` never evaluates on.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -15,24 +16,22 @@ from typing import Callable
 import numpy as np
 
 from calm_cli import settings
-from calm_cli.engine.complete import complete
-from calm_cli.engine.decoder import Decoder
 from calm_cli.engine.embed import Encoder
-from calm_cli.engine.prompt import render
 from calm_cli.errors import UsageError
 from calm_cli.eval import evaluate, tasks
 from calm_cli.fleet import lock
-from calm_cli.fleet.lock import ModelSpec
 from calm_cli.fleet.store import Store
 from calm_cli.knowledge import Knowledge
 from calm_cli.members import catalog
-from calm_cli.members.base import NotExported
-from calm_cli.policy import Policy
+from calm_cli.members.base import Ask, Member, NotExported
+from calm_cli.members.local import LocalMember
+from calm_cli.policy import MemberPolicy, Policy
 
 SPEED_PROMPTS = ("Explain briefly why the sky is blue.", "Write a Python function that returns the sum of a list.",
                  "List three facts about the Moon.")
 SPEED_TOKENS = 64
 CALIBRATION_FRACTION = 0.5
+REMOTE_PRECISION = "remote"  # a remote member's profile: whatever its server serves, kept apart from exports
 
 
 @dataclass
@@ -44,7 +43,7 @@ class ModelProfile:
     tokens_per_s: float
     joules_per_token: float
     energy_estimated: bool
-    confidence: float
+    confidence: float  # NaN: a remote server that returned no logprobs
     quality: dict[str, float]  # domain -> mean score on the calibration items
     items: int
     provider: str
@@ -60,40 +59,48 @@ def calibration_items(n_per_task: int, seed: int, task_names: list[str] | None, 
     return [item for items in by_task.values() for item in items[:n_per_task]]
 
 
-def profile_model(spec: ModelSpec, export_dir, items: list[tasks.Item], embeddings: np.ndarray,
-                  kb: Knowledge, precision: str, step: Callable[[], None]) -> ModelProfile:
-    """Measure one member and store its profile and calibration rows."""
+def profile_member(member: Member, items: list[tasks.Item], embeddings: np.ndarray, kb: Knowledge,
+                   step: Callable[[], None]) -> ModelProfile:
+    """Measure one member, local or remote, and store its profile and calibration rows. A remote member is
+    measured as it answers through its server (load: opening the client; memory: none here; quality: its
+    generated answers, evaluate.evaluate_member)."""
     started = time.perf_counter()
-    decoder = Decoder.load(export_dir)
+    session = member.load()
     load_ms = (time.perf_counter() - started) * 1000
-    weights_mb = sum(p.stat().st_size for p in export_dir.glob("model.onnx*")) / 2**20
-    runs = [complete(decoder, render(spec.prompt, q), SPEED_TOKENS) for q in SPEED_PROMPTS]
+    runs = [member.generate(session, Ask(q, SPEED_TOKENS)) for q in SPEED_PROMPTS]
     tokens = sum(r.tokens_out for r in runs)
     rows, confidences = [], []
     for item, vec in zip(items, embeddings):
-        outcome = evaluate.evaluate_item(decoder, spec, item)
-        rows.append({"model": spec.name, "task": item.task, "item_id": item.item_id, "domain": item.domain,
+        outcome = evaluate.evaluate_member(member, session, item)
+        confidence = outcome.confidence if math.isfinite(outcome.confidence) else None  # a server without logprobs
+        rows.append({"model": member.name, "task": item.task, "item_id": item.item_id, "domain": item.domain,
                      "score": outcome.score, "latency_ms": outcome.latency_ms, "energy_j": outcome.energy_j,
-                     "tokens_out": outcome.tokens_out, "confidence": min(max(outcome.confidence, 0.0), 1.0),
+                     "tokens_out": outcome.tokens_out,
+                     "confidence": None if confidence is None else min(max(confidence, 0.0), 1.0),
                      "embedding": vec})
-        confidences.append(outcome.confidence)
+        if confidence is not None:
+            confidences.append(confidence)
         step()
     kb.add_calibration(rows)
+    speed_confidences = [r.confidence for r in runs if math.isfinite(r.confidence)]
+    provider = runs[0].provider if runs else ""
     result = ModelProfile(
-        model=spec.name, load_ms=load_ms, memory_mb=max(decoder.memory_mb, weights_mb),
+        model=member.name, load_ms=load_ms, memory_mb=member.memory_of(session),
         ttft_ms=statistics.median(r.ttft_ms for r in runs),
         tokens_per_s=statistics.median(r.tokens_per_s for r in runs if r.tokens_out > 1) if tokens else 0.0,
         joules_per_token=sum(r.energy_j for r in runs) / max(tokens, 1),
         energy_estimated=any(r.energy_estimated for r in runs),
-        confidence=float(np.mean(confidences)) if confidences else float(np.mean([r.confidence for r in runs])),
-        quality={}, items=len(rows), provider=decoder.provider)
+        confidence=float(np.mean(confidences or speed_confidences)) if confidences or speed_confidences else math.nan,
+        quality={}, items=len(rows), provider=provider)
     for row in rows:
         result.quality.setdefault(row["domain"], []).append(row["score"])  # type: ignore[arg-type]
     result.quality = {d: float(np.mean(v)) for d, v in result.quality.items()}
-    kb.upsert_profile(spec.name, precision, decoder.provider, load_ms=result.load_ms, ttft_ms=result.ttft_ms,
-                      tokens_per_s=result.tokens_per_s, joules_per_token=result.joules_per_token,
-                      memory_mb=result.memory_mb, energy_estimated=result.energy_estimated,
-                      confidence=result.confidence, n_samples=len(rows) + len(runs))
+    kb.upsert_profile(member.name, member.precision or REMOTE_PRECISION, provider, load_ms=result.load_ms,
+                      ttft_ms=result.ttft_ms, tokens_per_s=result.tokens_per_s,
+                      joules_per_token=result.joules_per_token, memory_mb=result.memory_mb,
+                      energy_estimated=result.energy_estimated,
+                      confidence=result.confidence if math.isfinite(result.confidence) else None,
+                      n_samples=len(rows) + len(runs))
     return result
 
 
@@ -105,23 +112,29 @@ def embed_items(encoder: Encoder, items: list[tasks.Item]) -> np.ndarray:
 def calibrate(policy: Policy, store: Store, knowledge: Knowledge, names: list[str], limit: int,
               task_names: list[str] | None, seed: int, log: Callable[[str], None],
               progress: Callable[[str, int], Callable[[], None]]) -> list[ModelProfile]:
-    """`calm profile`: measure `names` (default: every member of the policy) on `limit` calibration items per
-    task and store what was learned. `progress(label, total)` gives the step to call once per item."""
+    """`calm profile`: measure `names` (default: every member of the policy, local and remote; also any model
+    of models.lock, such as the benchmark's baseline) on `limit` calibration items per task and store what
+    was learned. `progress(label, total)` gives the step to call once per item."""
     precision = str(settings.get("precision"))
-    remote = [m.model for m in policy.members if m.endpoint]
-    if set(names) & set(remote):
-        raise UsageError(f"remote members are not calibrated by calm profile yet: {', '.join(sorted(set(names) & set(remote)))}"
-                         " (they are routed by semantic fit and their own observations)")
-    if remote and not names:
-        log(f"profile: skipping remote member(s) {', '.join(remote)}: not calibrated by calm profile yet")
-    specs = lock.select(lock.load(), names or [m.model for m in policy.members if not m.endpoint])
-    encoder = Encoder(catalog.encoder_dir(store, policy.encoder))
-    missing = [s.name for s in specs if precision not in store.exports(s.name)]
+    fleet = catalog.members(policy, store, precision)
+    specs = lock.load()
+    chosen = list(dict.fromkeys(names)) or list(fleet)
+    unknown = [n for n in chosen if n not in fleet and n not in specs]
+    if unknown:
+        raise UsageError(f"not a member of policy {policy.name} nor a model of models.lock: {', '.join(unknown)}")
+    members = [fleet[n] if n in fleet else LocalMember(MemberPolicy(n, n), specs[n], precision,
+                                                        store.exports(n).get(precision)) for n in chosen]
+    if any(not specs[m.name].generative for m in members if not m.remote):
+        raise UsageError(f"{', '.join(m.name for m in members if not m.remote and not specs[m.name].generative)}: "
+                         "an encoder answers no questions")
+    missing = [m.name for m in members if not m.remote and precision not in store.exports(m.name)]
     if missing:
         raise NotExported(f"no {precision} export of {', '.join(missing)}: run `calm models export "
                           f"{' '.join(missing)}`")
-    items = calibration_items(limit, seed, task_names, tasks.fetch_data(store.root, log=log))
+    encoder = Encoder(catalog.encoder_dir(store, policy.encoder))
+    data = tasks.fetch_data(store.root, log=log, pins=tasks.pins_for(task_names))
+    items = calibration_items(limit, seed, task_names, data)
     log(f"profile: {len(items)} calibration items ({', '.join(f'{k} {v}' for k, v in tasks.counts(items).items())})")
     embeddings = embed_items(encoder, items)
-    return [profile_model(spec, store.exports(spec.name)[precision], items, embeddings, knowledge, precision,
-                          progress(f"profiling {spec.name}", len(items))) for spec in specs]
+    return [profile_member(m, items, embeddings, knowledge, progress(f"profiling {m.name}", len(items)))
+            for m in members]

@@ -324,6 +324,13 @@ DEFAULT_TASKS: tuple[str, ...] = ("arithmetic", "simple_arithmetic_json", "code_
 TASK_DOMAINS: dict[str, str] = {name: t.domain for name, t in TASKS.items()}
 
 
+def pins_for(names: list[str] | None) -> tuple[DataPin, ...]:
+    """The data packages these tasks (DEFAULT_TASKS when None) read, so a HumanEval-only run never waits on,
+    or fails for, the 358 MB BIG-bench archive."""
+    sources = {task_def(n).source for n in (names or DEFAULT_TASKS)}
+    return tuple(pin for pin in DATA_PINS if pin.package in sources)
+
+
 def task_def(name: str) -> TaskDef:
     """The definition of a task: one of TASKS, or a single subtask such as "arithmetic/3_digit_division"."""
     if name in TASKS:

@@ -1,0 +1,141 @@
+"""`calm bench --remote MEMBER`: the workload with one fleet member answered by llama.cpp's OpenAI-compatible
+server on loopback instead of calm's own engine, reported beside the all-local run.
+
+The remote member is named `<MEMBER>-remote` (a remote member's name is not a models.lock name) and is served
+from the member's pinned GGUF with the same thread count as calm's engine (CALM_THREADS). It is calibrated
+into the benchmark's copy of the knowledge base on the same calibration items as the local member (same
+seed, as many per task as the local one has), so routing compares like with like. Its energy is the policy's
+`endpoint.watts` (CALM_WATTS_PER_CORE x threads) x wall time, estimated; the server's own CPU-seconds are
+read from /proc and reported beside it as a check.
+
+What the network, the HTTP stream and its parsing add per request is measured apart, paired: the same short
+questions answered by llama.cpp in this process (llama_cpp.Llama, the same GGUF, threads and sampling, with
+logprobs as the remote member asks for them) and through the remote member, alternating.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from typing import Callable
+
+import numpy as np
+
+from calm_cli import settings
+from calm_cli.bench.concurrency import EVERYDAY, paired
+from calm_cli.bench.llama_server import LlamaServer
+from calm_cli.engine.embed import Encoder
+from calm_cli.errors import UsageError
+from calm_cli.eval import profile, tasks
+from calm_cli.fleet.store import Store
+from calm_cli.knowledge import Knowledge
+from calm_cli.members import catalog
+from calm_cli.members.base import Ask, NotExported
+from calm_cli.members.remote import RemoteMember
+from calm_cli.policy import Policy
+
+OVERHEAD_TOKENS = 4
+TIMEOUT_S = 600
+
+
+def remote_policy(policy: Policy, name: str, url: str, watts: float) -> Policy:
+    """`policy` with its fleet member `name` answered by the server at `url` (which knows it as `name`)."""
+    if name not in {m.model for m in policy.fleet}:
+        raise UsageError(f"--remote {name}: not a fleet member of policy {policy.name} "
+                         f"({', '.join(m.model for m in policy.fleet)})")
+    users = [m.model for m in policy.members if m.draft == name]
+    if users:
+        raise UsageError(f"--remote {name}: it drafts for {', '.join(users)}, and a draft must be local")
+    remote = f"{name}-remote"
+    endpoint = {"url": url, "model": name, "timeout_s": TIMEOUT_S, "watts": watts}
+    fleet = tuple(dataclasses.replace(m, model=remote, endpoint=endpoint, draft=None, draft_tokens=None)
+                  if m.model == name else m for m in policy.fleet)
+    cache = {**policy.cache, "pinned": [remote if p == name else p for p in policy.cache.get("pinned", [])]}
+    return dataclasses.replace(policy, name=f"{policy.name}, {name} remote", fleet=fleet, cache=cache)
+
+
+def calibrate_like(kb: Knowledge, local: str, member: RemoteMember, store: Store, policy: Policy,
+                   items: list[tasks.Item], seed: int, log: Callable[[str], None]) -> int:
+    """Calibrate `member` on the calibration items `local` was calibrated on (as many per task, same seed);
+    the number of items, 0 when the local member was never calibrated."""
+    per_task = Counter(task for task, _, _ in kb.calibration([local]).items)
+    if not per_task:
+        log(f"bench: {local} has no calibration here, so neither does {member.name}")
+        return 0
+    names = [t for t in dict.fromkeys(i.task for i in items) if t in per_task]
+    data = tasks.fetch_data(store.root, log=log, pins=tasks.pins_for(names))
+    chosen = profile.calibration_items(max(per_task[t] for t in names), seed, names, data) if names else []
+    log(f"bench: calibrating {member.name} on {len(chosen)} items, as {local} was")
+    embeddings = profile.embed_items(Encoder(catalog.encoder_dir(store, policy.encoder)), chosen)
+    profile.profile_member(member, chosen, embeddings, kb, lambda: None)
+    return len(chosen)
+
+
+def overhead(server: LlamaServer, member: RemoteMember, n: int, log: Callable[[str], None]) -> dict:
+    """The same questions answered by llama.cpp in this process and through the remote member, alternated and
+    paired: what the network, HTTP, the event stream and its parsing add per request."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(server.gguf), n_ctx=server.context, n_threads=server.threads,
+                n_threads_batch=server.threads, logits_all=True, verbose=False)  # as the server loads it
+    client = member.load()
+    direct: list[float] = []
+    remote: list[float] = []
+
+    def in_process(question: str) -> None:
+        llm.create_chat_completion([{"role": "user", "content": question}], max_tokens=OVERHEAD_TOKENS,
+                                   temperature=0.0, logprobs=True, top_logprobs=1)
+
+    def through_server(question: str) -> None:
+        member.generate(client, Ask(question, OVERHEAD_TOKENS))
+
+    try:
+        for way in (in_process, through_server):  # warm both (first-call allocations, the connection), untimed
+            way(EVERYDAY[0])
+        for i in range(n):
+            question = EVERYDAY[i % len(EVERYDAY)]
+            for way, out in ((in_process, direct), (through_server, remote))[:: 1 if i % 2 == 0 else -1]:
+                started = time.perf_counter()
+                way(question)
+                out.append((time.perf_counter() - started) * 1000)
+    finally:
+        client.close()
+        llm.close()
+    result = paired(member.name, "in_process", direct, "remote", remote)
+    log(f"bench: remote member overhead: {result}")
+    return result
+
+
+def scenario(policy: Policy, name: str, store: Store, kb: Knowledge, items: list[tasks.Item], seed: int,
+             n_overhead: int, run_alone: Callable, run_calm: Callable, log: Callable[[str], None]) -> tuple[list, dict]:
+    """(the remote member alone and calm with it, as systems; the scenario's own figures). `run_alone(member)`
+    and `run_calm(policy, kb)` are the workload's runs, so both sides are measured the same way."""
+    gguf = store.source_dir(name) / "model.gguf"
+    if not gguf.is_file():
+        raise NotExported(f"--remote {name}: no GGUF at {gguf}: run `calm models pull {name}`")
+    threads = int(settings.get("threads"))
+    watts = float(settings.get("watts_per_core")) * threads
+    with LlamaServer(gguf, name, threads=threads) as server:
+        log(f"bench: {name} served by llama.cpp at {server.url} ({threads} thread(s))")
+        changed = remote_policy(policy, name, server.url, watts)
+        member = RemoteMember(next(m for m in changed.fleet if m.endpoint))
+        calibrated = calibrate_like(kb, name, member, store, policy, items, seed, log)
+        cpu = [server.cpu_s()]
+        alone = run_alone(member)
+        cpu.append(server.cpu_s())
+        routed = run_calm(changed, kb)
+        cpu.append(server.cpu_s())
+        added = overhead(server, member, n_overhead, log)
+    per_core = float(settings.get("watts_per_core"))
+    share = float(np.mean([q.model == member.name for q in routed.results])) if routed.results else 0.0
+    out = {"member": name, "remote_name": member.name, "engine": "llama.cpp server (llama-cpp-python)",
+           "threads": threads, "endpoint_watts": watts, "calibration_items": calibrated,
+           "routed_share": round(share, 3),
+           "failures": sum(q.failed for q in routed.results) + sum(q.failed for q in alone.results),
+           "energy_check": {
+               "alone_estimated_j": round(sum(q.energy_j for q in alone.results), 1),
+               "alone_server_cpu_j": round((cpu[1] - cpu[0]) * per_core, 1),
+               "server_cpu_s_alone": round(cpu[1] - cpu[0], 2), "server_cpu_s_routed": round(cpu[2] - cpu[1], 2)},
+           "overhead": added}
+    return [alone, routed], out
