@@ -73,6 +73,34 @@ def test_a_policy_with_an_endpoint_validates_and_names_a_clash(tmp_path: Path) -
         policy_mod.load(path)
 
 
+def test_the_bench_moves_one_fleet_member_to_a_server_and_nothing_else() -> None:
+    """calm bench --remote's policy: the member renamed MEMBER-remote with the server's endpoint (and no draft),
+    its pin following it; members that are not in the fleet, or draft for another, are refused by name."""
+    import dataclasses
+
+    from calm_cli.bench.remote import remote_policy
+    from calm_cli.errors import UsageError
+
+    base = policy_mod.load(POLICIES / "default.yaml")
+    base = dataclasses.replace(base, cache={**base.cache, "pinned": ["qwen2.5-coder-0.5b"]})
+    moved = remote_policy(base, "qwen2.5-coder-0.5b", "http://127.0.0.1:8081/v1", 15.0)
+    names = [m.model for m in moved.fleet]
+    assert names == [m.model if m.model != "qwen2.5-coder-0.5b" else "qwen2.5-coder-0.5b-remote" for m in base.fleet]
+    member = next(m for m in moved.fleet if m.endpoint)
+    assert member.endpoint == {"url": "http://127.0.0.1:8081/v1", "model": "qwen2.5-coder-0.5b", "timeout_s": 600,
+                               "watts": 15.0}
+    assert member.draft is None and member.description == next(m.description for m in base.fleet
+                                                                 if m.model == "qwen2.5-coder-0.5b")
+    assert moved.cache["pinned"] == ["qwen2.5-coder-0.5b-remote"] and moved.escalation == base.escalation
+    assert moved.name == "default, qwen2.5-coder-0.5b remote"
+    with pytest.raises(UsageError, match="--remote qwen2.5-coder-1.5b: not a fleet member of policy default"):
+        remote_policy(base, "qwen2.5-coder-1.5b", "http://127.0.0.1:8081/v1", 15.0)  # the escalation target
+    drafting = dataclasses.replace(base, fleet=tuple(dataclasses.replace(m, draft="smollm2-135m")
+                                                     if m.model == "gemma3-270m" else m for m in base.fleet))
+    with pytest.raises(UsageError, match="it drafts for gemma3-270m, and a draft must be local"):
+        remote_policy(drafting, "smollm2-135m", "http://127.0.0.1:8081/v1", 15.0)
+
+
 def test_forced_remote_answers_as_the_server_does_and_streams(remote_server: Served, router_env: dict,
                                                               tmp_path: Path) -> None:
     url = remote_server.base + "/v1"

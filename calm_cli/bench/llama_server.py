@@ -51,7 +51,8 @@ class LlamaServer:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(self.gguf), "--model_alias", self.alias,
              "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(self.context),
-             "--n_threads", str(self.threads), "--verbose", "false"],
+             # the prompt's threads too: the server's default for them is every core
+             "--n_threads", str(self.threads), "--n_threads_batch", str(self.threads), "--verbose", "false"],
             stdout=subprocess.DEVNULL, stderr=self._log)
         deadline = time.monotonic() + READY_S
         while time.monotonic() < deadline:

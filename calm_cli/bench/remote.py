@@ -3,10 +3,10 @@ server on loopback instead of calm's own engine, reported beside the all-local r
 
 The remote member is named `<MEMBER>-remote` (a remote member's name is not a models.lock name) and is served
 from the member's pinned GGUF with the same thread count as calm's engine (CALM_THREADS). It is calibrated
-into the benchmark's copy of the knowledge base on the same calibration items as the local member (same
-seed, as many per task as the local one has), so routing compares like with like. Its energy is the policy's
-`endpoint.watts` (CALM_WATTS_PER_CORE x threads) x wall time, estimated; the server's own CPU-seconds are
-read from /proc and reported beside it as a check.
+into the benchmark's copy of the knowledge base on the very items the local member was calibrated on (by item
+id; the benchmark's seed orders multiple-choice options), so routing compares like with like. Its energy is
+the policy's `endpoint.watts` (CALM_WATTS_PER_CORE x threads) x wall time, estimated; the server's own
+CPU-seconds are read from /proc and reported beside it as a check.
 
 What the network, the HTTP stream and its parsing add per request is measured apart, paired: the same short
 questions answered by llama.cpp in this process (llama_cpp.Llama, the same GGUF, threads and sampling, with
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections import Counter
 from typing import Callable
 
 import numpy as np
@@ -36,6 +35,7 @@ from calm_cli.members.remote import RemoteMember
 from calm_cli.policy import Policy
 
 OVERHEAD_TOKENS = 4
+EVERY_ITEM = 1_000_000  # load_items' n: every item of a task
 TIMEOUT_S = 600
 
 
@@ -57,15 +57,15 @@ def remote_policy(policy: Policy, name: str, url: str, watts: float) -> Policy:
 
 def calibrate_like(kb: Knowledge, local: str, member: RemoteMember, store: Store, policy: Policy,
                    items: list[tasks.Item], seed: int, log: Callable[[str], None]) -> int:
-    """Calibrate `member` on the calibration items `local` was calibrated on (as many per task, same seed);
-    the number of items, 0 when the local member was never calibrated."""
-    per_task = Counter(task for task, _, _ in kb.calibration([local]).items)
-    if not per_task:
-        log(f"bench: {local} has no calibration here, so neither does {member.name}")
+    """Calibrate `member` on the very calibration items `local` was calibrated on (by task and item id; the
+    options in the order `seed` shows them); the number of items, 0 when `local` was never calibrated."""
+    wanted = {(task, item_id) for task, item_id, _ in kb.calibration([local]).items}
+    names = [t for t in dict.fromkeys(i.task for i in items) if any(task == t for task, _ in wanted)]
+    if not names:
+        log(f"bench: {local} has no calibration on these tasks here, so neither does {member.name}")
         return 0
-    names = [t for t in dict.fromkeys(i.task for i in items) if t in per_task]
     data = tasks.fetch_data(store.root, log=log, pins=tasks.pins_for(names))
-    chosen = profile.calibration_items(max(per_task[t] for t in names), seed, names, data) if names else []
+    chosen = [i for i in tasks.load_items(names, EVERY_ITEM, seed, data) if (i.task, i.item_id) in wanted]
     log(f"bench: calibrating {member.name} on {len(chosen)} items, as {local} was")
     embeddings = profile.embed_items(Encoder(catalog.encoder_dir(store, policy.encoder)), chosen)
     profile.profile_member(member, chosen, embeddings, kb, lambda: None)
@@ -84,8 +84,11 @@ def overhead(server: LlamaServer, member: RemoteMember, n: int, log: Callable[[s
     remote: list[float] = []
 
     def in_process(question: str) -> None:
-        llm.create_chat_completion([{"role": "user", "content": question}], max_tokens=OVERHEAD_TOKENS,
-                                   temperature=0.0, logprobs=True, top_logprobs=1)
+        # Streamed, as the server calls it: llama-cpp-python's whole-answer path computes log-softmax over every
+        # prompt position too when logprobs are asked for, which would make the server look faster than itself.
+        for _ in llm.create_chat_completion([{"role": "user", "content": question}], max_tokens=OVERHEAD_TOKENS,
+                                            temperature=0.0, logprobs=True, top_logprobs=1, stream=True):
+            pass
 
     def through_server(question: str) -> None:
         member.generate(client, Ask(question, OVERHEAD_TOKENS))
@@ -131,6 +134,8 @@ def scenario(policy: Policy, name: str, store: Store, kb: Knowledge, items: list
     share = float(np.mean([q.model == member.name for q in routed.results])) if routed.results else 0.0
     out = {"member": name, "remote_name": member.name, "engine": "llama.cpp server (llama-cpp-python)",
            "threads": threads, "endpoint_watts": watts, "calibration_items": calibrated,
+           "scoring": "multiple choice it answers is scored on the letter it generates (a server gives no "
+                      "log-likelihoods of given text); local members' by log-likelihood",
            "routed_share": round(share, 3),
            "failures": sum(q.failed for q in routed.results) + sum(q.failed for q in alone.results),
            "energy_check": {
