@@ -387,8 +387,8 @@ def profile_cmd(model_names: list[str], limit: int, task_names: list[str], seed:
         return step
 
     with open_knowledge() as kb:
-        rows = profile.calibrate(_policy(policy_path), _store(), kb, model_names, limit, task_names or None, seed,
-                                 _echo_err, progress)
+        rows, failed = profile.calibrate(_policy(policy_path), _store(), kb, model_names, limit, task_names or None,
+                                         seed, _echo_err, progress)
     domains = sorted({d for r in rows for d in r.quality})
     headers = ["model", "provider", "load ms", "TTFT ms", "tok/s", "J/token", "MB", *domains]
     click.echo(tabulate([[r.model, r.provider, r.load_ms, r.ttft_ms, r.tokens_per_s, r.joules_per_token, r.memory_mb,
@@ -400,6 +400,8 @@ def profile_cmd(model_names: list[str], limit: int, task_names: list[str], seed:
         unsure = "; confidence unavailable (no logprobs)" if math.isnan(r.confidence) else ""
         _echo_err(f"{r.model} is remote: energy {energy}; multiple choice scored on the letter it answers; "
                   f"no memory here{unsure}")
+    if failed:
+        _fail(f"not profiled: {', '.join(failed)} (see above); the others were stored")
 
 
 @main.group("policy")
@@ -564,12 +566,15 @@ def _budget_cut(ctx: click.Context, param: click.Parameter, value: str | None) -
                    "beside the all-local run, with its per-request network overhead.")
 @click.option("--remote-requests", type=click.IntRange(2, 10000), default=40, show_default=True,
               help="Paired requests for the remote member's overhead.")
+@click.option("--remote-logprobs/--no-remote-logprobs", default=True, show_default=True,
+              help="Whether the remote member asks its server for logprobs (its confidence; endpoint.logprobs).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write {systems, scenarios} here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write the quality/latency/energy plot.")
 @click.pass_context
 def bench(ctx: click.Context, policy_paths: tuple[str, ...], task_names: list[str], n_per_task: int, seed: int,
           rule: str, shift: bool, slow, budget_cut, arrival: float | None, sweep: list[float],
-          remote_member: str | None, remote_requests: int, json_path: str | None, plot_path: str | None) -> None:
+          remote_member: str | None, remote_requests: int, remote_logprobs: bool, json_path: str | None,
+          plot_path: str | None) -> None:
     """The workload benchmark: calm's policies against the single larger model, each member alone, random
     routing and a hindsight oracle, side by side in one run. `calm bench engine` compares engines."""
     if ctx.invoked_subcommand:
@@ -599,7 +604,7 @@ def bench(ctx: click.Context, policy_paths: tuple[str, ...], task_names: list[st
     _kb().close()  # a damaged knowledge base is named now, not after the members-alone runs
     result = workload.run(policies, store, default_path(), precision, items, rule, seed,
                           workload.Scenarios(shift, slow, budget_cut, arrival, tuple(sweep), remote_member,
-                                             remote_requests), _echo_err)
+                                             remote_requests, remote_logprobs), _echo_err)
     result["workload"] = {"queries": len(items), "per_task": tasks.counts(items), "seed": seed, "rule": rule,
                           "precision": precision}
     click.echo(report.table(result))

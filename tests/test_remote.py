@@ -6,6 +6,7 @@ traffic returning when it is back."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from calm_cli.knowledge import open_knowledge
 from calm_cli.loop.assemble import assemble
 from calm_cli.loop.calm import chat_job
 from calm_cli.members import remote
-from calm_cli.members.base import RunFailed
+from calm_cli.members.base import Ask, RunFailed
 from calm_cli.resources import POLICIES
 from test_http import Served, free_port, start
 
@@ -71,6 +72,11 @@ def test_a_policy_with_an_endpoint_validates_and_names_a_clash(tmp_path: Path) -
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(Exception, match="endpoint.url"):
         policy_mod.load(path)
+    data["fleet"][-1]["model"] = "smol-remote"
+    data["fleet"][-1]["endpoint"] |= {"url": "http://127.0.0.1:9/v1", "logprobs": "yes"}
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(Exception, match="endpoint.logprobs"):
+        policy_mod.load(path)
 
 
 def test_the_bench_moves_one_fleet_member_to_a_server_and_nothing_else() -> None:
@@ -88,7 +94,7 @@ def test_the_bench_moves_one_fleet_member_to_a_server_and_nothing_else() -> None
     assert names == [m.model if m.model != "qwen2.5-coder-0.5b" else "qwen2.5-coder-0.5b-remote" for m in base.fleet]
     member = next(m for m in moved.fleet if m.endpoint)
     assert member.endpoint == {"url": "http://127.0.0.1:8081/v1", "model": "qwen2.5-coder-0.5b", "timeout_s": 600,
-                               "watts": 15.0}
+                               "watts": 15.0, "logprobs": True}
     assert member.draft is None and member.description == next(m.description for m in base.fleet
                                                                  if m.model == "qwen2.5-coder-0.5b")
     assert moved.cache["pinned"] == ["qwen2.5-coder-0.5b-remote"] and moved.escalation == base.escalation
@@ -149,8 +155,9 @@ def test_profile_calibrates_a_remote_member_as_it_does_a_local_one(remote_server
     store = Store(tiny_home / "cache")
     kb = open_knowledge(tmp_path / "kb.sqlite")
     steps: list[str] = []
-    rows = profile.calibrate(policy, store, kb, ["smol-remote", "smollm2-135m"], 2, ["humaneval"], 0, lambda m: None,
-                             lambda label, total: lambda: steps.append(label))
+    rows, failed = profile.calibrate(policy, store, kb, ["smol-remote", "smollm2-135m"], 2, ["humaneval"], 0,
+                                     lambda m: None, lambda label, total: lambda: steps.append(label))
+    assert failed == {}
     assert [r.model for r in rows] == ["smol-remote", "smollm2-135m"] and len(steps) == 4
     remote_row, local_row = rows
     assert remote_row.provider == f"remote:{url}" and remote_row.memory_mb == 0 and remote_row.items == 2
@@ -166,6 +173,27 @@ def test_profile_calibrates_a_remote_member_as_it_does_a_local_one(remote_server
     members = catalog.members(policy, store, "fp32")
     assert Analyzer(members, kb, policy.goals).profile("smol-remote")["provider"] == f"remote:{url}"
     kb.close()
+
+
+def test_profile_goes_on_past_a_remote_member_whose_server_is_down(router_env: dict, tiny_home: Path,
+                                                                  humaneval_data: Path, tmp_path: Path) -> None:
+    """Nobody listens at the endpoint: the local member is still profiled and stored, the remote one is named
+    with the reason, nothing is stored for it, and the command exits 1 in one line, without a traceback."""
+    if not (tiny_home / "cache" / "data").exists():
+        (tiny_home / "cache" / "data").symlink_to(humaneval_data)
+    policy = remote_policy(tmp_path, f"http://127.0.0.1:{free_port()}/v1")
+    env = router_env | {"CALM_DATA_DIR": str(tmp_path / "d")}
+    done = subprocess.run([sys.executable, "-m", "calm_cli", "profile", "--policy", str(policy), "--tasks",
+                           "humaneval", "--limit", "1", "--models", "smol-remote,smollm2-135m"], env=env,
+                          capture_output=True, timeout=300)
+    err = done.stderr.decode()
+    assert done.returncode == 1 and "Traceback" not in err, err
+    assert "profile: smol-remote failed, nothing stored for it" in err and "ConnectError" in err
+    assert "calm: not profiled: smol-remote (see above); the others were stored" in err
+    assert "smollm2-135m" in done.stdout.decode() and "smol-remote" not in done.stdout.decode()
+    stats = json.loads(subprocess.run([sys.executable, "-m", "calm_cli", "kb", "stats", "--json"], env=env,
+                                      capture_output=True, timeout=60).stdout)
+    assert stats["rows"]["profiles"] == 1 and stats["rows"]["calibration"] == 1
 
 
 def test_a_dead_server_falls_back_opens_the_breaker_and_recovers(tiny_env: dict, router_env: dict, tmp_path: Path,
@@ -216,8 +244,6 @@ def test_malformed_and_error_replies_are_member_failures() -> None:
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
-
-    from calm_cli.members.base import Ask
 
     async def chat(request):
         body = await request.json()
@@ -273,6 +299,11 @@ def test_a_real_llama_cpp_server_as_a_remote_member(gguf_file, fleet_store, tmp_
         assert m["confidence"] is not None and 0 < m["confidence"] <= 1  # from the server's logprobs
         # The policy's 40 W x the member's own wall time (the record's latency adds routing and hand-offs).
         assert 0.85 * 40 * m["latency_ms"] / 1000 <= m["energy_j"] <= 40 * m["latency_ms"] / 1000
+        # endpoint.logprobs false: none asked for, so the same greedy answer comes without a confidence.
+        quiet = remote.RemoteMember(policy_mod.MemberPolicy(
+            "smol-quiet", "the same server, no logprobs", endpoint={"url": url, "model": "smollm2", "logprobs": False}))
+        run = quiet.generate(quiet.load(), Ask("What is 2 + 2?", 16))
+        assert run.text == record["answer"] and math.isnan(run.confidence)
         request = {"id": "x", "query": "Hello there!", "max_tokens": 4}
 
         def first():

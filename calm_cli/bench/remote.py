@@ -10,7 +10,9 @@ CPU-seconds are read from /proc and reported beside it as a check.
 
 What the network, the HTTP stream and its parsing add per request is measured apart, paired: the same short
 questions answered by llama.cpp in this process (llama_cpp.Llama, the same GGUF, threads and sampling, with
-logprobs as the remote member asks for them) and through the remote member, alternating.
+logprobs as the remote member asks for them) and through the remote member, alternating. `--no-remote-logprobs`
+makes the remote member ask for none (endpoint.logprobs false): llama-cpp-python's server computes them in
+numpy over the whole vocabulary at every token, which slows its decoding about fivefold on Qwen.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ EVERY_ITEM = 1_000_000  # load_items' n: every item of a task
 TIMEOUT_S = 600
 
 
-def remote_policy(policy: Policy, name: str, url: str, watts: float) -> Policy:
+def remote_policy(policy: Policy, name: str, url: str, watts: float, logprobs: bool = True) -> Policy:
     """`policy` with its fleet member `name` answered by the server at `url` (which knows it as `name`)."""
     if name not in {m.model for m in policy.fleet}:
         raise UsageError(f"--remote {name}: not a fleet member of policy {policy.name} "
@@ -48,7 +50,7 @@ def remote_policy(policy: Policy, name: str, url: str, watts: float) -> Policy:
     if users:
         raise UsageError(f"--remote {name}: it drafts for {', '.join(users)}, and a draft must be local")
     remote = f"{name}-remote"
-    endpoint = {"url": url, "model": name, "timeout_s": TIMEOUT_S, "watts": watts}
+    endpoint = {"url": url, "model": name, "timeout_s": TIMEOUT_S, "watts": watts, "logprobs": logprobs}
     fleet = tuple(dataclasses.replace(m, model=remote, endpoint=endpoint, draft=None, draft_tokens=None)
                   if m.model == name else m for m in policy.fleet)
     cache = {**policy.cache, "pinned": [remote if p == name else p for p in policy.cache.get("pinned", [])]}
@@ -83,11 +85,13 @@ def overhead(server: LlamaServer, member: RemoteMember, n: int, log: Callable[[s
     direct: list[float] = []
     remote: list[float] = []
 
+    asked = {"logprobs": True, "top_logprobs": 1} if member.endpoint.get("logprobs", True) else {}
+
     def in_process(question: str) -> None:
         # Streamed, as the server calls it: llama-cpp-python's whole-answer path computes log-softmax over every
         # prompt position too when logprobs are asked for, which would make the server look faster than itself.
         for _ in llm.create_chat_completion([{"role": "user", "content": question}], max_tokens=OVERHEAD_TOKENS,
-                                            temperature=0.0, logprobs=True, top_logprobs=1, stream=True):
+                                            temperature=0.0, stream=True, **asked):
             pass
 
     def through_server(question: str) -> None:
@@ -111,7 +115,8 @@ def overhead(server: LlamaServer, member: RemoteMember, n: int, log: Callable[[s
 
 
 def scenario(policy: Policy, name: str, store: Store, kb: Knowledge, items: list[tasks.Item], seed: int,
-             n_overhead: int, run_alone: Callable, run_calm: Callable, log: Callable[[str], None]) -> tuple[list, dict]:
+             n_overhead: int, logprobs: bool, run_alone: Callable, run_calm: Callable,
+             log: Callable[[str], None]) -> tuple[list, dict]:
     """(the remote member alone and calm with it, as systems; the scenario's own figures). `run_alone(member)`
     and `run_calm(policy, kb)` are the workload's runs, so both sides are measured the same way."""
     gguf = store.source_dir(name) / "model.gguf"
@@ -121,7 +126,7 @@ def scenario(policy: Policy, name: str, store: Store, kb: Knowledge, items: list
     watts = float(settings.get("watts_per_core")) * threads
     with LlamaServer(gguf, name, threads=threads) as server:
         log(f"bench: {name} served by llama.cpp at {server.url} ({threads} thread(s))")
-        changed = remote_policy(policy, name, server.url, watts)
+        changed = remote_policy(policy, name, server.url, watts, logprobs)
         member = RemoteMember(next(m for m in changed.fleet if m.endpoint))
         calibrated = calibrate_like(kb, name, member, store, policy, items, seed, log)
         cpu = [server.cpu_s()]
@@ -133,7 +138,7 @@ def scenario(policy: Policy, name: str, store: Store, kb: Knowledge, items: list
     per_core = float(settings.get("watts_per_core"))
     share = float(np.mean([q.model == member.name for q in routed.results])) if routed.results else 0.0
     out = {"member": name, "remote_name": member.name, "engine": "llama.cpp server (llama-cpp-python)",
-           "threads": threads, "endpoint_watts": watts, "calibration_items": calibrated,
+           "threads": threads, "endpoint_watts": watts, "logprobs": logprobs, "calibration_items": calibrated,
            "scoring": "multiple choice it answers is scored on the letter it generates (a server gives no "
                       "log-likelihoods of given text); local members' by log-likelihood",
            "routed_share": round(share, 3),

@@ -22,7 +22,6 @@ from typing import Callable, Iterator
 import numpy as np
 
 from calm_cli.eval import evaluate, tasks
-from calm_cli.fleet import lock
 from calm_cli.fleet.store import Store
 from calm_cli.knowledge import Knowledge, KnowledgeError, open_knowledge
 from calm_cli.bench.hooks import Slowed
@@ -34,8 +33,7 @@ from calm_cli.loop.execute.queue import RequestQueue
 from calm_cli.loop.execute.scheduler import WorkJob
 from calm_cli.members import catalog
 from calm_cli.members.base import Member, NotExported, Run
-from calm_cli.members.local import LocalMember
-from calm_cli.policy import MemberPolicy, Policy
+from calm_cli.policy import Policy
 
 BASELINE = "qwen2.5-coder-1.5b"
 HIT_WINDOW = 10  # requests in the sliding window of the cache-hit-rate recovery measure
@@ -143,8 +141,7 @@ def fleet_members(policies: list[Policy], store: Store, precision: str) -> dict[
     for policy in policies:
         out.update(catalog.members(policy, store, precision))
     if BASELINE not in out:
-        out[BASELINE] = LocalMember(MemberPolicy(BASELINE, "the single larger model"), lock.load()[BASELINE],
-                                    precision, store.exports(BASELINE).get(precision))
+        out[BASELINE] = catalog.outside(BASELINE, store, precision)
     return out
 
 
@@ -286,6 +283,7 @@ class Scenarios:
     sweep: tuple[float, ...] = ()  # factors on the main policy's cost weights (latency, energy, load)
     remote: str | None = None  # a fleet member answered by llama.cpp's server on loopback (bench/remote.py)
     remote_requests: int = 40  # paired requests for that member's network overhead
+    remote_logprobs: bool = True  # whether that member asks its server for logprobs (endpoint.logprobs)
 
 
 def prepare(policies: list[Policy], store: Store, task_names: list[str] | None, n_per_task: int, seed: int,
@@ -362,6 +360,7 @@ def run(policies: list[Policy], store: Store, kb_source: Path, precision: str, i
                 name = scenarios.remote
                 added, scenario_out["remote"] = remote.scenario(
                     main_policy, name, store, fresh_kb("remote"), items, seed, scenarios.remote_requests,
+                    scenarios.remote_logprobs,
                     lambda member: run_alone(member, items, rule, progress(f"{member.name} alone")),
                     lambda policy, kb: run_calm(make_calm(policy, store, kb), items, rule,
                                                 progress(f"calm with policy {policy.name}")), log)

@@ -17,15 +17,14 @@ import numpy as np
 
 from calm_cli import settings
 from calm_cli.engine.embed import Encoder
-from calm_cli.errors import UsageError
+from calm_cli.errors import MemberFailure, UsageError
 from calm_cli.eval import evaluate, tasks
 from calm_cli.fleet import lock
 from calm_cli.fleet.store import Store
 from calm_cli.knowledge import Knowledge
 from calm_cli.members import catalog
 from calm_cli.members.base import Ask, Member, NotExported
-from calm_cli.members.local import LocalMember
-from calm_cli.policy import MemberPolicy, Policy
+from calm_cli.policy import Policy
 
 SPEED_PROMPTS = ("Explain briefly why the sky is blue.", "Write a Python function that returns the sum of a list.",
                  "List three facts about the Moon.")
@@ -111,10 +110,12 @@ def embed_items(encoder: Encoder, items: list[tasks.Item]) -> np.ndarray:
 
 def calibrate(policy: Policy, store: Store, knowledge: Knowledge, names: list[str], limit: int,
               task_names: list[str] | None, seed: int, log: Callable[[str], None],
-              progress: Callable[[str, int], Callable[[], None]]) -> list[ModelProfile]:
+              progress: Callable[[str, int], Callable[[], None]]) -> tuple[list[ModelProfile], dict[str, str]]:
     """`calm profile`: measure `names` (default: every member of the policy, local and remote; also any model
     of models.lock, such as the benchmark's baseline) on `limit` calibration items per task and store what
-    was learned. `progress(label, total)` gives the step to call once per item."""
+    was learned. `progress(label, total)` gives the step to call once per item. Returns the profiles and, by
+    member, why any failed (a server down, a load that failed): the others are still measured, and a failed
+    member keeps what it had."""
     precision = str(settings.get("precision"))
     fleet = catalog.members(policy, store, precision)
     specs = lock.load()
@@ -122,8 +123,7 @@ def calibrate(policy: Policy, store: Store, knowledge: Knowledge, names: list[st
     unknown = [n for n in chosen if n not in fleet and n not in specs]
     if unknown:
         raise UsageError(f"not a member of policy {policy.name} nor a model of models.lock: {', '.join(unknown)}")
-    members = [fleet[n] if n in fleet else LocalMember(MemberPolicy(n, n), specs[n], precision,
-                                                        store.exports(n).get(precision)) for n in chosen]
+    members = [fleet[n] if n in fleet else catalog.outside(n, store, precision) for n in chosen]
     if any(not specs[m.name].generative for m in members if not m.remote):
         raise UsageError(f"{', '.join(m.name for m in members if not m.remote and not specs[m.name].generative)}: "
                          "an encoder answers no questions")
@@ -136,5 +136,12 @@ def calibrate(policy: Policy, store: Store, knowledge: Knowledge, names: list[st
     items = calibration_items(limit, seed, task_names, data)
     log(f"profile: {len(items)} calibration items ({', '.join(f'{k} {v}' for k, v in tasks.counts(items).items())})")
     embeddings = embed_items(encoder, items)
-    return [profile_member(m, items, embeddings, knowledge, progress(f"profiling {m.name}", len(items)))
-            for m in members]
+    profiles, failed = [], {}
+    for member in members:
+        try:
+            profiles.append(profile_member(member, items, embeddings, knowledge,
+                                           progress(f"profiling {member.name}", len(items))))
+        except MemberFailure as exc:
+            log(f"profile: {member.name} failed, nothing stored for it: {exc}")
+            failed[member.name] = str(exc)
+    return profiles, failed

@@ -11,7 +11,7 @@ from calm_cli.fleet.store import Store
 from calm_cli.members.base import Member
 from calm_cli.members.local import LocalMember
 from calm_cli.members.remote import RemoteMember
-from calm_cli.policy import Policy
+from calm_cli.policy import MemberPolicy, Policy
 
 
 class EncoderMissing(CalmError):
@@ -33,3 +33,9 @@ def members(policy: Policy, store: Store, precision: str) -> dict[str, Member]:
     specs = lock.load()
     return {m.model: RemoteMember(m) if m.endpoint else
             LocalMember(m, specs[m.model], precision, store.exports(m.model).get(precision)) for m in policy.members}
+
+
+def outside(name: str, store: Store, precision: str) -> LocalMember:
+    """A models.lock model that no policy names (the benchmark's baseline, a model being profiled), as a local
+    member with the policy defaults."""
+    return LocalMember(MemberPolicy(name, name), lock.load()[name], precision, store.exports(name).get(precision))

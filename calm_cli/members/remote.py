@@ -3,7 +3,8 @@
 way; only its costs differ (no local memory, no load).
 
 Answers are streamed (`stream: true`), so TTFT is measured and pieces reach the client as they come.
-Confidence is exp(mean log p) of the answer's tokens when the server returns logprobs; failing that, a
+Confidence is exp(mean log p) of the answer's tokens when the server returns logprobs (asked for unless
+`endpoint.logprobs` is false: some servers pay dearly for them); failing that, a
 `calm serve` server's own figure (its record rides in the last chunk); failing that it is unavailable (NaN
 here, null in the record, and escalation by confidence does not apply). Energy: the server's own figure when it
 reports one (a `calm serve` record), else the policy's `endpoint.watts` x wall time (estimated), else 0 and
@@ -106,9 +107,10 @@ class RemoteMember(Member):
     def _body(self, ask: Ask) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.remote_model, "messages": [{"role": "user", "content": ask.query}],
                                 "max_tokens": ask.max_tokens, "temperature": ask.sampling.temperature,
-                                "stream": True, "stream_options": {"include_usage": True},
-                                # llama.cpp's server sends the chosen tokens' logprobs only with top_logprobs set
-                                "logprobs": True, "top_logprobs": 1}
+                                "stream": True, "stream_options": {"include_usage": True}}
+        if self.endpoint.get("logprobs", True):
+            # llama.cpp's server sends the chosen tokens' logprobs only with top_logprobs set
+            body.update(logprobs=True, top_logprobs=1)
         if ask.sampling.top_p < 1.0:
             body["top_p"] = ask.sampling.top_p
         if ask.sampling.seed is not None:
