@@ -590,13 +590,9 @@ def bench(ctx: click.Context, policy_paths: tuple[str, ...], task_names: list[st
         report.check_plot()
     store = _store()
     if remote_member:  # refused now, not after the members-alone runs
-        from calm_cli.bench import llama_server, remote
+        from calm_cli.bench import remote
 
-        remote.remote_policy(policies[0], remote_member, "http://127.0.0.1:9/v1", 0.0)
-        if not llama_server.available():
-            _fail("--remote needs llama-cpp-python[server]: `make bench-setup` installs it", EXIT_USAGE)
-        if not (store.source_dir(remote_member) / "model.gguf").is_file():
-            _fail(f"--remote {remote_member}: no GGUF: run `calm models pull {remote_member}`", EXIT_USAGE)
+        remote.check(policies[0], store, remote_member)
     precision = str(settings.get("precision"))
     items = workload.prepare(policies, store, task_names or None, n_per_task, seed, shift, _echo_err)
     _echo_err(f"bench: {len(items)} queries ({', '.join(f'{k} {v}' for k, v in tasks.counts(items).items())}); "

@@ -27,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 
+from calm_cli.bench.llama_server import free_port
 from calm_cli.bench.workload import copy_knowledge
 from calm_cli.eval import tasks
 from calm_cli.fleet.store import Store
@@ -221,7 +222,7 @@ def http_overhead(fresh: Fresh, member: str, n: int, log: Callable[[str], None])
 
     calm = fresh((member,))
     server = Server(lambda: calm, api_key="", max_body=1 << 20)
-    sock_port = _free_port()
+    sock_port = free_port()
     uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=sock_port, log_level="warning",
                                        access_log=False, lifespan="on"))
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -277,14 +278,6 @@ def _wait_healthy(base: str, alive: Callable[[], bool], seconds: float = 300) ->
     raise RuntimeError(f"calm serve at {base} was not ready")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 PARTS = ("batching", "arrivals", "http", "remote")
 
 
@@ -299,7 +292,7 @@ def remote_overhead(fresh: Fresh, member: str, n: int, log: Callable[[str], None
 
     from calm_cli.policy import MemberPolicy
 
-    port = _free_port()
+    port = free_port()
     env = os.environ | {"CALM_DATA_DIR": str(fresh.tmp / "remote-server")}
     server = subprocess.Popen([sys.executable, "-m", "calm_cli", "serve", "--port", str(port), "--policy",
                                fresh.policy.source], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -23,12 +23,13 @@ READY_S = 180.0
 def available() -> bool:
     """Whether llama-cpp-python[server] is installed in this Python."""
     try:
-        return importlib.util.find_spec("llama_cpp.server") is not None and importlib.util.find_spec("uvicorn") is not None
+        return importlib.util.find_spec("llama_cpp.server") is not None
     except ModuleNotFoundError:
         return False
 
 
 def free_port() -> int:
+    """A port nothing listens on at the moment, on loopback."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

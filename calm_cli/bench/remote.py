@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from calm_cli import settings
 from calm_cli.bench.concurrency import EVERYDAY, paired
+from calm_cli.bench import llama_server
 from calm_cli.bench.llama_server import LlamaServer
 from calm_cli.engine.embed import Encoder
 from calm_cli.errors import UsageError
@@ -32,7 +34,7 @@ from calm_cli.eval import profile, tasks
 from calm_cli.fleet.store import Store
 from calm_cli.knowledge import Knowledge
 from calm_cli.members import catalog
-from calm_cli.members.base import Ask, NotExported
+from calm_cli.members.base import Ask
 from calm_cli.members.remote import RemoteMember
 from calm_cli.policy import Policy
 
@@ -41,14 +43,30 @@ EVERY_ITEM = 1_000_000  # load_items' n: every item of a task
 TIMEOUT_S = 600
 
 
-def remote_policy(policy: Policy, name: str, url: str, watts: float, logprobs: bool = True) -> Policy:
-    """`policy` with its fleet member `name` answered by the server at `url` (which knows it as `name`)."""
+def check(policy: Policy, store: Store, name: str) -> Path:
+    """What `--remote name` needs, checked before a benchmark starts: a movable member, llama-cpp-python's server
+    and the member's GGUF (returned)."""
+    _movable(policy, name)
+    if not llama_server.available():
+        raise UsageError("--remote needs llama-cpp-python[server]: `make bench-setup` installs it")
+    gguf = store.source_dir(name) / "model.gguf"
+    if not gguf.is_file():
+        raise UsageError(f"--remote {name}: no GGUF: run `calm models pull {name}`")
+    return gguf
+
+
+def _movable(policy: Policy, name: str) -> None:
     if name not in {m.model for m in policy.fleet}:
         raise UsageError(f"--remote {name}: not a fleet member of policy {policy.name} "
                          f"({', '.join(m.model for m in policy.fleet)})")
     users = [m.model for m in policy.members if m.draft == name]
     if users:
         raise UsageError(f"--remote {name}: it drafts for {', '.join(users)}, and a draft must be local")
+
+
+def remote_policy(policy: Policy, name: str, url: str, watts: float, logprobs: bool = True) -> Policy:
+    """`policy` with its fleet member `name` answered by the server at `url` (which knows it as `name`)."""
+    _movable(policy, name)
     remote = f"{name}-remote"
     endpoint = {"url": url, "model": name, "timeout_s": TIMEOUT_S, "watts": watts, "logprobs": logprobs}
     fleet = tuple(dataclasses.replace(m, model=remote, endpoint=endpoint, draft=None, draft_tokens=None)
@@ -119,11 +137,9 @@ def scenario(policy: Policy, name: str, store: Store, kb: Knowledge, items: list
              log: Callable[[str], None]) -> tuple[list, dict]:
     """(the remote member alone and calm with it, as systems; the scenario's own figures). `run_alone(member)`
     and `run_calm(policy, kb)` are the workload's runs, so both sides are measured the same way."""
-    gguf = store.source_dir(name) / "model.gguf"
-    if not gguf.is_file():
-        raise NotExported(f"--remote {name}: no GGUF at {gguf}: run `calm models pull {name}`")
-    threads = int(settings.get("threads"))
-    watts = float(settings.get("watts_per_core")) * threads
+    gguf = check(policy, store, name)
+    threads, per_core = int(settings.get("threads")), float(settings.get("watts_per_core"))
+    watts = per_core * threads
     with LlamaServer(gguf, name, threads=threads) as server:
         log(f"bench: {name} served by llama.cpp at {server.url} ({threads} thread(s))")
         changed = remote_policy(policy, name, server.url, watts, logprobs)
@@ -135,7 +151,6 @@ def scenario(policy: Policy, name: str, store: Store, kb: Knowledge, items: list
         routed = run_calm(changed, kb)
         cpu.append(server.cpu_s())
         added = overhead(server, member, n_overhead, log)
-    per_core = float(settings.get("watts_per_core"))
     share = float(np.mean([q.model == member.name for q in routed.results])) if routed.results else 0.0
     out = {"member": name, "remote_name": member.name, "engine": "llama.cpp server (llama-cpp-python)",
            "threads": threads, "endpoint_watts": watts, "logprobs": logprobs, "calibration_items": calibrated,

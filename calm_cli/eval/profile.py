@@ -81,15 +81,15 @@ def profile_member(member: Member, items: list[tasks.Item], embeddings: np.ndarr
             confidences.append(confidence)
         step()
     kb.add_calibration(rows)
-    speed_confidences = [r.confidence for r in runs if math.isfinite(r.confidence)]
-    provider = runs[0].provider if runs else ""
+    known = confidences or [r.confidence for r in runs if math.isfinite(r.confidence)]
+    provider = runs[0].provider
     result = ModelProfile(
         model=member.name, load_ms=load_ms, memory_mb=member.memory_of(session),
         ttft_ms=statistics.median(r.ttft_ms for r in runs),
         tokens_per_s=statistics.median(r.tokens_per_s for r in runs if r.tokens_out > 1) if tokens else 0.0,
         joules_per_token=sum(r.energy_j for r in runs) / max(tokens, 1),
         energy_estimated=any(r.energy_estimated for r in runs),
-        confidence=float(np.mean(confidences or speed_confidences)) if confidences or speed_confidences else math.nan,
+        confidence=float(np.mean(known)) if known else math.nan,
         quality={}, items=len(rows), provider=provider)
     for row in rows:
         result.quality.setdefault(row["domain"], []).append(row["score"])  # type: ignore[arg-type]
@@ -124,9 +124,9 @@ def calibrate(policy: Policy, store: Store, knowledge: Knowledge, names: list[st
     if unknown:
         raise UsageError(f"not a member of policy {policy.name} nor a model of models.lock: {', '.join(unknown)}")
     members = [fleet[n] if n in fleet else catalog.outside(n, store, precision) for n in chosen]
-    if any(not specs[m.name].generative for m in members if not m.remote):
-        raise UsageError(f"{', '.join(m.name for m in members if not m.remote and not specs[m.name].generative)}: "
-                         "an encoder answers no questions")
+    encoders = [m.name for m in members if not m.remote and not specs[m.name].generative]
+    if encoders:
+        raise UsageError(f"{', '.join(encoders)}: an encoder answers no questions")
     missing = [m.name for m in members if not m.remote and precision not in store.exports(m.name)]
     if missing:
         raise NotExported(f"no {precision} export of {', '.join(missing)}: run `calm models export "
