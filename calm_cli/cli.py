@@ -66,8 +66,10 @@ def _echo_err(message: str) -> None:
     click.echo(message, err=True)
 
 
-class Terminated(Exception):
-    """SIGTERM arrived while a command that keeps no records ran (batch and the servers handle it themselves)."""
+class Terminated(BaseException):
+    """SIGTERM arrived while a command that keeps no records ran (batch and the servers handle it themselves).
+    A BaseException, as KeyboardInterrupt is, so that code catching a failed step (`except Exception`: a
+    benchmark scenario) lets it through instead of carrying on."""
 
 
 def _terminated(signum: int, frame: object) -> None:

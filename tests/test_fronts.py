@@ -330,6 +330,22 @@ def test_a_signal_mid_command_ends_in_one_line(tiny_env: dict, sig: int, message
     assert proc.returncode == code and message in err and b"Traceback" not in err, err[-2000:]
 
 
+def test_sigterm_passes_through_what_catches_a_failed_step() -> None:
+    """A benchmark scenario reports a failure in its place and the run goes on; SIGTERM must end the run instead
+    (found sending SIGTERM to `calm bench --remote` mid-scenario: the scenario "failed" and the bench went on)."""
+    from calm_cli.bench import workload
+    from calm_cli.cli import Terminated
+
+    out: dict = {}
+    with pytest.raises(Terminated):
+        with workload._scenario("remote", out, lambda message: None):
+            raise Terminated
+    assert out == {}
+    with workload._scenario("remote", out, lambda message: None):
+        raise RuntimeError("the server died")
+    assert out == {"remote": {"error": "RuntimeError: the server died"}}
+
+
 def _catches_sigterm(pid: int) -> bool:
     """Whether the process has a SIGTERM handler installed (the kernel's SigCgt mask, bit 15)."""
     with open(f"/proc/{pid}/status", encoding="ascii") as fh:
